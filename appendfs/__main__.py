@@ -1,0 +1,3 @@
+from appendfs.cli import main
+
+main()

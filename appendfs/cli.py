@@ -1,0 +1,265 @@
+"""The `appendfs` command: one entry point with a subcommand per role and tool.
+
+Every command that needs the cluster takes ``--meta META_URL`` (or APPENDFS_META).
+Daemon settings come from ``--config FILE`` (TOML), the environment and flags, are
+validated at start, and a bad value prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import trio
+
+from appendfs import __version__
+from appendfs.errors import AppendfsError, ClusterMismatch, ConfigError, NotFormatted, VersionMismatch
+
+log = logging.getLogger("appendfs")
+meta_option = click.option("--meta", "meta_url", envvar="APPENDFS_META", required=True, metavar="META_URL",
+                           help="database URL: sqlite:///PATH or postgresql+psycopg://USER@HOST/DB (env APPENDFS_META)")
+config_option = click.option("--config", "config_file", type=click.Path(path_type=Path), envvar="APPENDFS_CONFIG",
+                             default=None, help="TOML config file (env APPENDFS_CONFIG)")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"appendfs: error: {message}", err=True)
+    sys.exit(code)
+
+
+def setup_logging(level: str) -> None:
+    numeric = getattr(logging, level.upper(), None)
+    if not isinstance(numeric, int):
+        raise ConfigError(f"log level {level!r} is not DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=numeric, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_daemon(main: Callable[[], Awaitable[None]]) -> None:
+    """Run a daemon's main under trio; SIGTERM/SIGINT end it cleanly."""
+
+    async def wrapper() -> None:
+        async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("received %s, shutting down", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
+            nursery.start_soon(on_signal)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    trio.run(wrapper)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn appendfs's own errors into one clear line and the right exit status."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, VersionMismatch, ClusterMismatch, NotFormatted) as exc:
+            fail(str(exc), 2)
+        except AppendfsError as exc:
+            fail(str(exc), 1)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="appendfs")
+def main() -> None:
+    """appendfs — a distributed POSIX filesystem on append-only LogStreams."""
+
+
+# ---- format ---------------------------------------------------------------------------
+
+
+@main.command("format")
+@click.argument("meta_url", envvar="APPENDFS_META", metavar="META_URL")
+@click.option("--secret-file", type=click.Path(path_type=Path), required=True,
+              help="where to write the cluster secret for DataNodes (mode 0600)")
+@click.option("--extent-max-bytes", type=click.IntRange(1 << 20, 1 << 30), default=64 << 20, show_default=True,
+              help="largest extent")
+@guarded
+def format_cmd(meta_url: str, secret_file: Path, extent_max_bytes: int) -> None:
+    """Create the namespace and cluster schemas and the cluster identity in META_URL."""
+    from appendfs.format import format_cluster
+
+    res = format_cluster(meta_url, secret_file, extent_max_bytes)
+    verb = "formatted" if res.created else "already formatted"
+    click.echo(f"{verb}: cluster {res.cluster_id}; secret file {res.secret_file}")
+
+
+# ---- daemons --------------------------------------------------------------------------
+
+
+@main.command("metanode")
+@meta_option
+@config_option
+@click.option("--listen", default=None, metavar="HOST:PORT", help="address to serve on [127.0.0.1:7000]")
+@click.option("--advertise", default=None, metavar="HOST:PORT", help="address published for others (default: listen)")
+@click.option("--lease-ttl-s", type=float, default=None, help="stream lease lifetime [10]")
+@click.option("--dead-after-s", type=float, default=None, help="silence after which a DataNode is dead [5]")
+@click.option("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus /metrics here")
+@click.option("--log-level", default=None)
+@guarded
+def metanode_cmd(meta_url: str, config_file: Path | None, **flags: Any) -> None:
+    """Run a MetaNode (the cluster manager); standbys take over when the leader dies."""
+    from appendfs.config import load
+    from appendfs.db import make_engine
+    from appendfs.metrics import serve_metrics
+    from appendfs.store.metanode.config import MetaNodeConfig
+    from appendfs.store.metanode.schema import read_cluster
+    from appendfs.store.metanode.service import MetaNode
+    from appendfs.store.rpc import ClusterAuth
+
+    cfg = load(MetaNodeConfig, "metanode", file=config_file, flags=flags)
+    setup_logging(cfg.log_level)
+    engine = make_engine(meta_url, pool_size=6)
+    row = read_cluster(engine)
+    node = MetaNode(cfg, engine, ClusterAuth(row.cluster_id, row.secret), int(row.extent_max_bytes))
+    serve_metrics(cfg.metrics, "appendfs_metanode", lambda: {**node.stats, "leader": float(node.epoch is not None),
+                                                             "datanodes_known": len(node.nodes)})
+
+    async def run() -> None:
+        await node.run()
+        await trio.sleep_forever()
+
+    run_daemon(run)
+
+
+@main.command("datanode")
+@config_option
+@click.option("--listen", default=None, metavar="HOST:PORT", help="address to serve extents on [127.0.0.1:7100]")
+@click.option("--advertise", default=None, metavar="HOST:PORT", help="address clients use (default: listen)")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="data directory (one device)")
+@click.option("--metanode", default=None, metavar="HOST:PORT[,...]", help="MetaNode addresses")
+@click.option("--secret-file", type=click.Path(path_type=Path), default=None, help="cluster secret file")
+@click.option("--capacity-bytes", type=int, default=None, help="cap the device's usable bytes")
+@click.option("--high-water", type=float, default=None, help="fill fraction above which no new extents [0.95]")
+@click.option("--failure-domain", default=None, help="rack/host label; replicas avoid sharing one")
+@click.option("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus /metrics here")
+@click.option("--log-level", default=None)
+@guarded
+def datanode_cmd(config_file: Path | None, **flags: Any) -> None:
+    """Run a DataNode serving the extents of one data directory."""
+    from appendfs.config import load
+    from appendfs.metrics import serve_metrics
+    from appendfs.store.datanode.config import DataNodeConfig
+    from appendfs.store.datanode.extents import ExtentStore
+    from appendfs.store.datanode.filebackend import FileBackend
+    from appendfs.store.datanode.server import DataNode
+    from appendfs.store.identity import claim_data_dir, read_secret_file
+
+    cfg = load(DataNodeConfig, "datanode", file=config_file, flags=flags)
+    setup_logging(cfg.log_level)
+    auth = read_secret_file(cfg.secret_file)
+    ident = claim_data_dir(cfg.data, auth.cluster_id)
+    store = ExtentStore(FileBackend(cfg.data, cfg.capacity_bytes), high_water=cfg.high_water,
+                        reserve_bytes=cfg.reserve_bytes, read_threads=cfg.read_threads)
+    recovering = store.recover()
+    if recovering:
+        log.info("%d extents were open at the last stop; they reconcile with the MetaNode", len(recovering))
+    node = DataNode(cfg, auth, ident, store)
+    serve_metrics(cfg.metrics, "appendfs_datanode", lambda: dict(store.stats))
+
+    async def run() -> None:
+        await node.run()
+        await trio.sleep_forever()
+
+    run_daemon(run)
+
+
+# ---- store tools ----------------------------------------------------------------------
+
+
+@main.group("store")
+def store_group() -> None:
+    """Raw LogStream tools: put a file into a stream, get it back by locator."""
+
+
+def _client_config(config_file: Path | None) -> Any:
+    from appendfs.config import load
+    from appendfs.store.client.config import ClientConfig
+
+    return load(ClientConfig, "client", file=config_file)
+
+
+@store_group.command("put")
+@meta_option
+@config_option
+@click.option("--redundancy", default="rep:3", show_default=True, help="rep:N")
+@click.argument("file", type=click.Path(path_type=Path, allow_dash=True))
+@guarded
+def store_put(meta_url: str, config_file: Path | None, redundancy: str, file: Path) -> None:
+    """Append FILE (or - for stdin) to a new stream; print its locator as the last line."""
+    from appendfs.store.placement import PolicyError, parse_policy
+    from appendfs.tools import put_file
+
+    try:
+        parse_policy(redundancy)
+    except PolicyError as exc:
+        raise ConfigError(f"--redundancy: {exc}") from None
+    cfg = _client_config(config_file)
+    setup_logging("WARNING")
+    if str(file) != "-" and not file.is_file():
+        raise ConfigError(f"{file} is not a readable file")
+    locator = trio.run(put_file, meta_url, cfg, file, redundancy)
+    click.echo(str(locator))
+
+
+@store_group.command("get")
+@meta_option
+@config_option
+@click.argument("locator")
+@guarded
+def store_get(meta_url: str, config_file: Path | None, locator: str) -> None:
+    """Write the verified bytes of LOCATOR to stdout."""
+    from appendfs.store.client import Locator
+    from appendfs.tools import get_to
+
+    loc = Locator.parse(locator)
+    cfg = _client_config(config_file)
+    setup_logging("WARNING")
+    trio.run(get_to, meta_url, cfg, loc, sys.stdout.buffer)
+
+
+@main.command("status")
+@meta_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@guarded
+def status_cmd(meta_url: str, as_json: bool) -> None:
+    """Nodes, devices, capacity and extent health, from the leading MetaNode."""
+    from appendfs.tools import fetch_status, render_status
+
+    setup_logging("WARNING")
+    status = trio.run(fetch_status, meta_url)
+    click.echo(json.dumps(status, indent=2, default=str) if as_json else render_status(status))
+
+
+@main.command("up")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True, help="directory for everything")
+@click.option("--mount", "mountpoint", type=click.Path(path_type=Path), default=None, help="mount the filesystem here")
+@click.option("--s3", "s3_address", default=None, metavar="HOST:PORT", help="serve S3 here")
+@guarded
+def up_cmd(data_dir: Path, mountpoint: Path | None, s3_address: str | None) -> None:
+    """Run a whole single-host cluster (MetaNode, 3 DataNodes) on the embedded SQLite default."""
+    if mountpoint is not None:
+        raise ConfigError("--mount is not available yet: the FUSE mount has not landed (issue 4); "
+                          "run `appendfs up --data DIR` without it")
+    if s3_address is not None:
+        raise ConfigError("--s3 is not available yet: the S3 gateway has not landed (issue 5); "
+                          "run `appendfs up --data DIR` without it")
+    from appendfs.up import run_up
+
+    sys.exit(run_up(data_dir))

@@ -1,0 +1,1 @@
+"""appendfs.mount — the pyfuse3 adapter (not built yet)."""

@@ -1,0 +1,21 @@
+"""Configuration of the store client (TOML table ``[client]``, env ``APPENDFS_CLIENT_*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from appendfs.config import option, positive
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    append_bytes: int = option(1 << 20, "largest single append sent to DataNodes (bytes)", positive)
+    window_bytes: int = option(16 << 20, "unacknowledged bytes buffered per stream (memory bound, backpressure)", positive)
+    append_timeout_s: float = option(15.0, "a replica that does not acknowledge an append within this is failed", positive)
+    read_timeout_s: float = option(15.0, "a replica that does not answer a read within this is skipped", positive)
+    read_bytes: int = option(4 << 20, "bytes per read request", positive)
+    read_parallel: int = option(4, "read requests in flight for one sequential read", positive)
+    connect_timeout_s: float = option(5.0, "TCP connect + handshake deadline", positive)
+    leader_wait_s: float = option(60.0, "how long calls wait for a MetaNode leader before failing", positive)
+    placement_wait_s: float = option(30.0, "how long an append waits for enough healthy DataNodes before failing", positive)
+    max_resends: int = option(8, "extent switches for one append before it fails", positive)

@@ -1,0 +1,357 @@
+"""LogStream writer: fan-out appends to every replica, acknowledged only when all have them.
+
+``append(data)`` queues the bytes (waiting for window space: backpressure) and returns a
+:class:`Ticket`; the stream's writer task places each append at the end of the current
+extent and sends it to every replica at once, pipelined per replica connection. An
+append is acknowledged when every replica answered it durable; the extent's acknowledged
+length is the end of the longest fully-acknowledged prefix. Tickets complete in order
+with the (extent, offset, length) pieces where their bytes now live.
+
+When a replica fails (error, lost connection, timeout) the extent is sealed at its
+acknowledged length, a new extent is placed on healthy nodes (avoiding the failed one),
+and every unacknowledged append is sent again there — the application's write does not
+fail (DESIGN §2). A full extent is sealed and the next one allocated the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from appendfs.store.client.locator import Piece
+from appendfs.store.codec import checksum
+from appendfs.store.errors import LeaseLost, NoSpace, StoreError, Unavailable
+from appendfs.store.rpc import Channel, ConnectionLost, RpcError
+
+if TYPE_CHECKING:
+    from appendfs.store.client.client import StoreClient
+
+log = logging.getLogger(__name__)
+
+
+class Ticket:
+    """Completion of one ``append``: where its bytes landed, once acknowledged."""
+
+    def __init__(self, nbytes: int, parts: int) -> None:
+        self.nbytes = nbytes
+        self.pieces: list[Piece] = []
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+        self._parts = parts
+
+    def _piece_done(self, piece: Piece) -> None:
+        if self.pieces and self.pieces[-1].extent_id == piece.extent_id and \
+                self.pieces[-1].ext_off + self.pieces[-1].length == piece.ext_off:
+            last = self.pieces[-1]
+            self.pieces[-1] = Piece(last.extent_id, last.ext_off, last.length + piece.length)
+        else:
+            self.pieces.append(piece)
+        self._parts -= 1
+        if self._parts == 0:
+            self.done.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = exc
+            self.done.set()
+
+    async def wait(self) -> list[Piece]:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.pieces
+
+
+@dataclass
+class _Op:
+    ticket: Ticket
+    data: bytes
+    digest: int
+    resends: int = 0
+    # set while in flight on an extent:
+    offset: int = 0
+    acks: int = 0
+    failed: bool = False
+
+
+@dataclass
+class _Extent:
+    extent_id: int
+    seq: int
+    replicas: list[dict[str, Any]]
+    length: int = 0  # bytes assigned (sent or about to be)
+    acked: int = 0  # end of the fully-acknowledged prefix
+    inflight: deque[_Op] = field(default_factory=deque)
+    failed_nodes: set[str] = field(default_factory=set)
+    failure: trio.Event = field(default_factory=trio.Event)
+    changed: trio.Event = field(default_factory=trio.Event)  # set on every ack or failure
+    reason: str = ""
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class LogStream:
+    """One append-only stream held by this client (exactly one writer per stream)."""
+
+    def __init__(self, client: StoreClient, stream_id: int, redundancy: str, owner: str, extent_max_bytes: int) -> None:
+        self.client = client
+        self.stream_id = stream_id
+        self.redundancy = redundancy
+        self.owner = owner
+        self.extent_max_bytes = extent_max_bytes
+        cfg = client.cfg
+        self._append_bytes = min(cfg.append_bytes, extent_max_bytes)
+        self._slots = max(1, cfg.window_bytes // self._append_bytes)
+        self._window = trio.Semaphore(self._slots)
+        self._send, self._recv = trio.open_memory_channel[_Op](self._slots)
+        self._last: Ticket | None = None
+        self._broken: BaseException | None = None
+        self._extent: _Extent | None = None
+        self._seq = 0
+        self._stopped = trio.Event()
+        self.extents_used: list[int] = []
+        self.bytes_acked = 0
+        self.switches = 0
+
+    # ---- public API -----------------------------------------------------------------
+
+    async def append(self, data: bytes | bytearray | memoryview) -> Ticket:
+        """Queue ``data``; returns at once unless the window is full (backpressure)."""
+        if self._broken is not None:
+            raise self._broken
+        view = memoryview(data)
+        parts = [bytes(view[i:i + self._append_bytes]) for i in range(0, len(view), self._append_bytes)]
+        ticket = Ticket(len(view), len(parts))
+        if not parts:
+            ticket.done.set()
+            return ticket
+        self._last = ticket
+        for part in parts:
+            await self._window.acquire()
+            if self._broken is not None:
+                raise self._broken
+            try:
+                await self._send.send(_Op(ticket, part, checksum(part)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise self._broken or StoreError(f"stream {self.stream_id} is closed") from None
+        return ticket
+
+    async def flush(self) -> None:
+        """Wait until every append queued so far is acknowledged (or raise its error)."""
+        if self._last is not None:
+            await self._last.wait()
+        if self._broken is not None:
+            raise self._broken
+
+    async def close(self) -> None:
+        """Flush, seal the last extent at its acknowledged length, release the stream."""
+        try:
+            await self.flush()
+        finally:
+            await self._send.aclose()
+            await self._stopped.wait()
+        if self._broken is not None:
+            raise self._broken
+        await self.client.meta.call("close_stream", {"stream_id": self.stream_id, "holder": self.client.holder})
+        self.client._streams.pop(self.stream_id, None)
+
+    # ---- the writer task ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Writer task (started by StoreClient in its nursery)."""
+        pending: deque[_Op] = deque()
+        try:
+            while True:
+                if not pending:
+                    try:
+                        pending.append(await self._recv.receive())
+                    except trio.EndOfChannel:
+                        break
+                if self._extent is None or self._extent.length + len(pending[0].data) > self.extent_max_bytes:
+                    if self._extent is not None:
+                        await self._seal(self._extent)
+                    self._extent = await self._allocate()
+                ext = self._extent
+                await self._run_extent(ext, pending)
+                if ext.failure.is_set():
+                    unacked = list(ext.inflight)
+                    ext.inflight.clear()
+                    for op in unacked:
+                        op.resends += 1
+                        if op.resends > self.client.cfg.max_resends:
+                            raise StoreError(f"append failed after {op.resends} extent switches: {ext.reason}")
+                    pending.extendleft(reversed(unacked))
+                    log.warning("stream %d: extent %d failed (%s); sealing at %d and resending %d appends",
+                                self.stream_id, ext.extent_id, ext.reason, ext.acked, len(unacked))
+                    await self._seal(ext)
+                    self._extent = None
+                    self.switches += 1
+            if self._extent is not None:
+                await self._seal(self._extent)
+                self._extent = None
+        except BaseException as exc:
+            err = exc if isinstance(exc, StoreError) else StoreError(f"stream {self.stream_id} failed: {exc!r}")
+            self._break(err, pending)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._stopped.set()
+
+    def _break(self, err: BaseException, pending: deque[_Op]) -> None:
+        self._broken = err
+        for op in list(pending) + (list(self._extent.inflight) if self._extent else []):
+            op.ticket._fail(err)
+        if self._last is not None:
+            self._last._fail(err)
+        self._recv.close()
+        for _ in range(self._slots):  # wake appenders blocked on the window: they see the error
+            self._window.release()
+
+    async def _allocate(self) -> _Extent:
+        avoid = sorted(self._extent.failed_nodes) if self._extent is not None else []
+        try:
+            m = await self.client.meta.call(
+                "alloc_extent", {"stream_id": self.stream_id, "holder": self.client.holder, "avoid": avoid,
+                                 "seq": self._seq}, wait_s=self.client.cfg.placement_wait_s)
+        except RpcError as exc:
+            if exc.code == "no_space":
+                raise NoSpace(f"no space left in the cluster: {exc.message}") from None
+            if exc.code == "lease_lost":
+                raise LeaseLost(exc.message) from None
+            raise StoreError(f"cannot allocate an extent: {exc.message}") from None
+        except Unavailable as exc:
+            raise Unavailable(f"cannot place a new extent: {exc}") from None
+        self._seq = int(m["seq"]) + 1
+        self.client._cache_map(m)
+        self.extents_used.append(int(m["extent_id"]))
+        return _Extent(int(m["extent_id"]), int(m["seq"]), list(m["replicas"]))
+
+    async def _seal(self, ext: _Extent) -> None:
+        try:
+            await self.client.meta.call("seal_extent", {"extent_id": ext.extent_id, "holder": self.client.holder,
+                                                        "length": ext.acked})
+        except RpcError as exc:
+            if exc.code == "lease_lost":
+                raise LeaseLost(exc.message) from None
+            raise StoreError(f"cannot seal extent {ext.extent_id}: {exc.message}") from None
+        self.client._forget_map(ext.extent_id)
+
+    async def _run_extent(self, ext: _Extent, pending: deque[_Op]) -> None:
+        """Feed appends into ``ext`` until it is full, fails, or the stream is closed."""
+        pool = self.client.pool
+        lane = f"w{self.stream_id}"
+        channels = []
+        for r in ext.replicas:
+            try:
+                channels.append(await pool.get(r["address"], lane=lane))
+            except ConnectionLost as exc:
+                self._fail_extent(ext, str(exc), r["node_id"])
+                return
+        queues = [trio.open_memory_channel[_Op | None](1 << 16) for _ in channels]
+        async with trio.open_nursery() as nursery:
+            for (send_q, recv_q), ch, rep in zip(queues, channels, ext.replicas, strict=True):
+                del send_q
+                nursery.start_soon(self._replica_lane, ext, ch, rep, recv_q)
+            while not ext.failure.is_set():
+                if pending:
+                    op = pending.popleft()
+                else:
+                    op = await self._next_op(ext)
+                    if op is None:
+                        break
+                if ext.length + len(op.data) > self.extent_max_bytes:
+                    pending.appendleft(op)
+                    break
+                op.offset, op.acks, op.failed = ext.length, 0, False
+                ext.length += len(op.data)
+                ext.inflight.append(op)
+                for send_q, _ in queues:
+                    send_q.send_nowait(op)
+            for send_q, _ in queues:
+                send_q.send_nowait(None)  # drain: lanes finish their in-flight appends, then stop
+            await self._drained(ext)
+            nursery.cancel_scope.cancel()
+
+    async def _next_op(self, ext: _Extent) -> _Op | None:
+        """Next queued append, or None when the stream closes or the extent fails first."""
+        result: list[_Op | None] = []
+        async with trio.open_nursery() as nursery:
+            async def take() -> None:
+                try:
+                    result.append(await self._recv.receive())
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    result.append(None)
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await ext.failure.wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(take)
+            nursery.start_soon(watch)
+        return result[0] if result else None
+
+    async def _drained(self, ext: _Extent) -> None:
+        """Wait until every append sent to ``ext`` is acknowledged, or the extent fails."""
+        while ext.inflight and not ext.failure.is_set():
+            await ext.changed.wait()
+
+    async def _replica_lane(self, ext: _Extent, ch: Channel, rep: dict[str, Any],
+                            queue: trio.MemoryReceiveChannel[_Op | None]) -> None:
+        """Send this replica its appends in order; collect its answers in order."""
+        timeout = self.client.cfg.append_timeout_s
+        answers_send, answers_recv = trio.open_memory_channel[tuple[_Op, Any] | None](1 << 16)
+
+        async def collect() -> None:
+            async for item in answers_recv:
+                if item is None:
+                    return
+                op, pending = item
+                try:
+                    result, _ = await ch.wait(pending, timeout)
+                except (RpcError, ConnectionLost, trio.TooSlowError) as exc:
+                    self._fail_extent(ext, f"replica on {rep['node_id']}: {exc or 'timeout'}", rep["node_id"])
+                    return
+                if int(result.get("length", -1)) != op.offset + len(op.data):
+                    self._fail_extent(ext, f"replica on {rep['node_id']} acknowledged a wrong length", rep["node_id"])
+                    return
+                op.acks += 1
+                if op.acks == len(ext.replicas):
+                    self._ack_prefix(ext)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect)
+            async for op in queue:
+                if op is None:
+                    break
+                try:
+                    pending = await ch.send("append", {"extent_id": ext.extent_id, "offset": op.offset,
+                                                       "xxh3": op.digest}, op.data)
+                except ConnectionLost as exc:
+                    self._fail_extent(ext, f"replica on {rep['node_id']}: {exc}", rep["node_id"])
+                    break
+                answers_send.send_nowait((op, pending))
+            answers_send.send_nowait(None)
+
+    def _fail_extent(self, ext: _Extent, reason: str, node_id: str) -> None:
+        ext.failed_nodes.add(node_id)
+        if not ext.failure.is_set():
+            ext.reason = reason
+            ext.failure.set()
+        ext.poke()
+
+    def _ack_prefix(self, ext: _Extent) -> None:
+        """Pop fully-acknowledged appends off the front; complete their tickets in order."""
+        need = len(ext.replicas)
+        while ext.inflight and ext.inflight[0].acks >= need:
+            op = ext.inflight.popleft()
+            ext.acked = op.offset + len(op.data)
+            self.bytes_acked += len(op.data)
+            self._window.release()
+            op.ticket._piece_done(Piece(ext.extent_id, op.offset, len(op.data)))
+        ext.poke()

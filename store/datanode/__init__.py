@@ -1,0 +1,1 @@
+"""appendfs.store.datanode — see the modules' docstrings."""

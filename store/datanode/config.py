@@ -1,0 +1,35 @@
+"""Configuration of `appendfs datanode` (TOML table ``[datanode]``, env ``APPENDFS_DATANODE_*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from appendfs.config import fraction, host_port, non_negative, option, positive
+
+
+def _addresses(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "at least one MetaNode HOST:PORT is required"
+    for v in value:
+        if (reason := host_port(v)) is not None:
+            return reason
+    return None
+
+
+@dataclass(frozen=True)
+class DataNodeConfig:
+    data: Path = option(Path("/var/lib/appendfs/datanode"), "data directory (one device); stamped with node.json")
+    listen: str = option("127.0.0.1:7100", "HOST:PORT to serve extents on", host_port)
+    advertise: str | None = option(None, "HOST:PORT clients should use (default: listen)")
+    metanode: tuple[str, ...] = option((), "MetaNode addresses HOST:PORT[,HOST:PORT...]; redirects are followed", _addresses)
+    secret_file: Path = option(Path("/etc/appendfs/secret"), "cluster secret file written by `appendfs format`")
+    failure_domain: str | None = option(None, "failure domain (rack, host); default: the node itself")
+    capacity_bytes: int | None = option(None, "cap the device below the filesystem size (bytes)", positive)
+    high_water: float = option(0.95, "fraction of capacity above which the device takes no new extents", fraction)
+    reserve_bytes: int = option(64 << 20, "free bytes kept back: below this the device takes no new extents", non_negative)
+    heartbeat_interval_s: float = option(1.0, "seconds between heartbeats to the MetaNode", positive)
+    read_threads: int = option(4, "concurrent reads per device", positive)
+    max_inflight: int = option(16, "requests in flight per connection (memory bound)", positive)
+    metrics: str | None = option(None, "HOST:PORT for Prometheus /metrics (off when unset)", host_port)
+    log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")

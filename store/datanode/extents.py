@@ -1,0 +1,351 @@
+"""The extent engine of one device: append rules, checksums, group commit, recovery, seal.
+
+Data flow of an append: the RPC handler calls :meth:`ExtentStore.append`, which checks
+the rules (extent open, offset == current end, xxh3 of the payload matches, space left),
+reserves the range and computes the block entries *in order* on the event loop, releases
+the connection to read its next request, writes the bytes through the device's single
+write lane, and waits for the group commit that makes them durable:
+
+    sync data files → write their new checksum entries → sync checksum files → wake waiters
+
+Data is always durable before the entries that vouch for it (DESIGN §8), so after a
+crash the recovered length — the longest prefix whose blocks verify — covers everything
+that was acknowledged. An extent open at a restart is *recovering*: read-only until the
+MetaNode tells it the sealed length (reconcile), because its writer has moved on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from appendfs.store.codec import BLOCK_BYTES, ENTRY_BYTES, checksum
+from appendfs.store.codec.blocks import append_entries, encode_entry, recover_length
+from appendfs.store.datanode.backend import Backend, BackendError, ExtentMeta
+
+log = logging.getLogger(__name__)
+_RECOVER_CHUNK = 4 * 1024 * 1024
+
+
+class ExtentError(Exception):
+    """An extent request broke a rule; ``code`` goes to the wire."""
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+@dataclass
+class _Extent:
+    meta: ExtentMeta
+    length: int  # end of the last accepted append (reserved, maybe not yet written)
+    written: int  # end of the last completed write
+    durable: int  # end of the last group-committed write
+    tail: bytes = b""  # bytes of the last partial block at `length`
+    pending: dict[int, bytes] = field(default_factory=dict)  # block -> entry, not yet flushed
+    flushing: dict[int, bytes] = field(default_factory=dict)  # block -> entry, being flushed
+    failed: str | None = None
+    recovering: bool = False
+    sealing: bool = False
+
+    @property
+    def sealed(self) -> bool:
+        return self.meta.state == "sealed"
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.extents: set[int] = set()
+        self.done = trio.Event()
+        self.error: str | None = None
+
+
+class ExtentStore:
+    """All extents of one device, over one backend. Run :meth:`run` in a nursery."""
+
+    def __init__(self, backend: Backend, *, high_water: float = 0.95, reserve_bytes: int = 64 << 20,
+                 read_threads: int = 4) -> None:
+        self.backend = backend
+        self.high_water = high_water
+        self.reserve_bytes = reserve_bytes
+        self._extents: dict[int, _Extent] = {}
+        self._write_lane = trio.CapacityLimiter(1)  # one write request at a time per device
+        self._sync_lane = trio.CapacityLimiter(1)
+        self._read_lane = trio.CapacityLimiter(read_threads)
+        self._batch = _Batch()
+        self._wake = trio.Event()
+        self.stats = {"appends": 0, "append_bytes": 0, "reads": 0, "read_bytes": 0, "commits": 0,
+                      "checksum_rejects": 0}
+
+    # ---- start-up -------------------------------------------------------------------
+
+    def recover(self) -> list[int]:
+        """Load every extent; recover open ones. Blocking: call before serving.
+
+        Returns the ids of extents that are now *recovering* (open at the restart).
+        """
+        sweep = getattr(self.backend, "sweep_orphans", None)
+        if sweep:
+            sweep()
+        recovering = []
+        for extent_id in self.backend.list():
+            try:
+                meta = self.backend.get_meta(extent_id)
+            except BackendError as exc:
+                log.error("skipping extent %x: %s", extent_id, exc)
+                continue
+            if meta.state == "sealed":
+                self._extents[extent_id] = _Extent(meta, meta.sealed_length, meta.sealed_length, meta.sealed_length)
+                continue
+            length = self._recover_open(extent_id)
+            ext = _Extent(meta, length, length, length, tail=self._read_tail(extent_id, length), recovering=True)
+            self._extents[extent_id] = ext
+            recovering.append(extent_id)
+            log.info("extent %x was open at restart: recovered %d bytes, awaiting reconcile", extent_id, length)
+        return recovering
+
+    def _recover_open(self, extent_id: int) -> int:
+        size = self.backend.data_size(extent_id)
+        length = 0
+        while length < size:
+            chunk = self.backend.read_data(extent_id, length, _RECOVER_CHUNK)
+            first = length // BLOCK_BYTES
+            entries = self.backend.read_checksums(extent_id, first, -(-len(chunk) // BLOCK_BYTES))
+            good = recover_length(chunk, entries)
+            length += good
+            if good < len(chunk) or good % BLOCK_BYTES:
+                break
+        blocks = -(-length // BLOCK_BYTES)
+        self.backend.truncate(extent_id, length, blocks)
+        return length
+
+    def _read_tail(self, extent_id: int, length: int) -> bytes:
+        cut = length % BLOCK_BYTES
+        return self.backend.read_data(extent_id, length - cut, cut) if cut else b""
+
+    # ---- group commit ---------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The device's commit loop: one fdatasync round serves every waiting append."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            batch, self._batch = self._batch, _Batch()
+            work: dict[int, tuple[dict[int, bytes], int]] = {}
+            for extent_id in batch.extents:
+                ext = self._extents.get(extent_id)
+                if ext is None:
+                    continue
+                ext.flushing, ext.pending = ext.pending, {}
+                work[extent_id] = (ext.flushing, ext.written)
+            try:
+                await trio.to_thread.run_sync(self._commit, work, limiter=self._sync_lane)
+                self.stats["commits"] += 1
+            except (OSError, BackendError) as exc:
+                log.error("group commit failed on %s: %s", self.backend.kind, exc)
+                batch.error = f"device I/O error: {exc}"
+                for extent_id in work:
+                    if extent_id in self._extents:
+                        self._extents[extent_id].failed = batch.error
+            for extent_id, (_entries, written) in work.items():
+                ext = self._extents.get(extent_id)
+                if ext is not None:
+                    ext.flushing = {}
+                    if batch.error is None:
+                        ext.durable = max(ext.durable, written)
+            batch.done.set()
+
+    def _commit(self, work: dict[int, tuple[dict[int, bytes], int]]) -> None:
+        ids = sorted(work)
+        self.backend.sync_data(ids)
+        for extent_id in ids:
+            entries = work[extent_id][0]
+            for first, run in _runs(entries):
+                self.backend.write_checksums(extent_id, first, run)
+        self.backend.sync_checksums(ids)
+
+    async def _durable(self, extent_id: int) -> None:
+        batch = self._batch
+        batch.extents.add(extent_id)
+        self._wake.set()
+        await batch.done.wait()
+        if batch.error is not None:
+            raise ExtentError("io_error", batch.error)
+
+    # ---- operations -----------------------------------------------------------------
+
+    def _get(self, extent_id: int) -> _Extent:
+        ext = self._extents.get(extent_id)
+        if ext is None:
+            raise ExtentError("not_found", f"extent {extent_id:x} does not exist on this node")
+        return ext
+
+    def full(self) -> bool:
+        u = self.backend.usage()
+        return u.capacity_bytes <= 0 or u.used_bytes / u.capacity_bytes >= self.high_water or u.free_bytes < self.reserve_bytes
+
+    async def create(self, meta: ExtentMeta) -> None:
+        existing = self._extents.get(meta.extent_id)
+        if existing is not None:
+            if existing.meta.stream_id == meta.stream_id and existing.length == 0 and not existing.sealed:
+                return  # a retried create
+            raise ExtentError("exists", f"extent {meta.extent_id:x} already exists")
+        if self.full():
+            raise ExtentError("no_space", "device is above its high-water mark")
+        await trio.to_thread.run_sync(self.backend.create, meta, limiter=self._write_lane)
+        self._extents[meta.extent_id] = _Extent(meta, 0, 0, 0)
+
+    async def append(self, extent_id: int, offset: int, data: bytes, digest: int, started: Any) -> int:
+        """Append ``data`` at ``offset`` (must be the current end); return the new length once durable."""
+        ext = self._get(extent_id)
+        if ext.sealed or ext.sealing:
+            raise ExtentError("sealed", f"extent {extent_id:x} is sealed", length=ext.length)
+        if ext.recovering:
+            raise ExtentError("recovering", f"extent {extent_id:x} awaits reconcile after a restart")
+        if ext.failed:
+            raise ExtentError("io_error", ext.failed)
+        if offset != ext.length:
+            raise ExtentError("bad_offset", f"append at {offset} but extent {extent_id:x} ends at {ext.length}",
+                              length=ext.length)
+        if checksum(data) != digest:
+            self.stats["checksum_rejects"] += 1
+            raise ExtentError("checksum", f"payload of {len(data)} bytes does not match its xxh3")
+        if self.backend.usage().free_bytes < len(data):
+            raise ExtentError("no_space", "device has no space left for this append")
+        first_block = offset // BLOCK_BYTES
+        entries, ext.tail = append_entries(ext.tail, data)
+        ext.length = end = offset + len(data)
+        started.started()  # the next request of this connection may now be read
+        try:
+            await trio.to_thread.run_sync(self.backend.write_data, extent_id, offset, data, limiter=self._write_lane)
+        except (OSError, BackendError) as exc:
+            ext.failed = f"write failed: {exc}"
+            raise ExtentError("io_error", ext.failed) from None
+        for i in range(0, len(entries), ENTRY_BYTES):
+            ext.pending[first_block + i // ENTRY_BYTES] = entries[i:i + ENTRY_BYTES]
+        ext.written = max(ext.written, end)
+        await self._durable(extent_id)
+        self.stats["appends"] += 1
+        self.stats["append_bytes"] += len(data)
+        return end
+
+    async def read(self, extent_id: int, offset: int, length: int) -> tuple[int, bytes, bytes]:
+        """(aligned start, data, entries) covering [offset, offset+length) for the client to verify."""
+        ext = self._get(extent_id)
+        limit = ext.written
+        if offset < 0 or length < 0 or offset + length > limit:
+            raise ExtentError("out_of_range", f"read [{offset}, {offset + length}) beyond extent end {limit}",
+                              length=limit)
+        start = offset - offset % BLOCK_BYTES
+        end = min(-(-(offset + length) // BLOCK_BYTES) * BLOCK_BYTES, limit)
+        first, count = start // BLOCK_BYTES, -(-(end - start) // BLOCK_BYTES)
+        overlay = {**ext.flushing, **ext.pending}
+        last = (end - 1) // BLOCK_BYTES if end > start else first
+        if end == limit and end % BLOCK_BYTES and not ext.sealed:
+            # The last block is still growing: vouch for it with the tail held in memory.
+            overlay[last] = encode_entry(checksum(ext.tail[: end % BLOCK_BYTES]), end % BLOCK_BYTES)
+
+        def work() -> tuple[bytes, bytes]:
+            data = self.backend.read_data(extent_id, start, end - start)
+            entries = bytearray(self.backend.read_checksums(extent_id, first, count))
+            entries.extend(bytes(count * ENTRY_BYTES - len(entries)))
+            for block, entry in overlay.items():
+                if first <= block < first + count:
+                    pos = (block - first) * ENTRY_BYTES
+                    entries[pos:pos + ENTRY_BYTES] = entry
+            return data, bytes(entries)
+
+        try:
+            data, entries = await trio.to_thread.run_sync(work, limiter=self._read_lane)
+        except (OSError, BackendError) as exc:
+            raise ExtentError("io_error", f"read failed: {exc}") from None
+        self.stats["reads"] += 1
+        self.stats["read_bytes"] += len(data)
+        return start, data, entries
+
+    async def seal(self, extent_id: int, length: int) -> int:
+        """Seal at ``length`` (truncating longer data); idempotent for the same length."""
+        ext = self._get(extent_id)
+        if ext.sealed:
+            if ext.meta.sealed_length != length:
+                raise ExtentError("conflict", f"extent {extent_id:x} is sealed at {ext.meta.sealed_length}, not {length}",
+                                  length=ext.meta.sealed_length)
+            return length
+        ext.sealing = True
+        try:
+            if ext.pending or ext.written > ext.durable:
+                try:
+                    await self._durable(extent_id)
+                except ExtentError:
+                    pass  # seal below re-checks what is on disk
+            if length > ext.written:
+                raise ExtentError("short", f"extent {extent_id:x} has {ext.written} bytes, cannot seal at {length}",
+                                  length=ext.written)
+            meta = ExtentMeta(**{**ext.meta.to_dict(), "state": "sealed", "sealed_length": length})
+            await trio.to_thread.run_sync(self._seal_sync, extent_id, length, meta, limiter=self._write_lane)
+        finally:
+            ext.sealing = False
+        ext.meta, ext.length, ext.written, ext.durable = meta, length, length, length
+        ext.tail, ext.recovering, ext.failed, ext.pending = b"", False, None, {}
+        return length
+
+    def _seal_sync(self, extent_id: int, length: int, meta: ExtentMeta) -> None:
+        blocks = -(-length // BLOCK_BYTES)
+        cut = length % BLOCK_BYTES
+        self.backend.sync_data([extent_id])
+        self.backend.truncate(extent_id, length, blocks)
+        if cut:  # the last block became partial: its entry must cover exactly `cut` bytes
+            tail = self.backend.read_data(extent_id, length - cut, cut)
+            self.backend.write_checksums(extent_id, blocks - 1, encode_entry(checksum(tail), cut))
+            self.backend.sync_checksums([extent_id])
+        self.backend.set_meta(meta)
+
+    async def delete(self, extent_id: int) -> None:
+        if extent_id not in self._extents:
+            return
+        del self._extents[extent_id]
+        await trio.to_thread.run_sync(self.backend.delete, extent_id, limiter=self._write_lane)
+
+    def stat(self, extent_id: int) -> dict[str, Any]:
+        ext = self._get(extent_id)
+        return {"extent_id": extent_id, "stream_id": ext.meta.stream_id, "epoch": ext.meta.epoch,
+                "index": ext.meta.index, "state": "recovering" if ext.recovering else ext.meta.state,
+                "length": ext.written, "durable": ext.durable, "sealed_length": ext.meta.sealed_length,
+                "failed": ext.failed}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.stat(i) for i in sorted(self._extents)]
+
+    def recovering(self) -> list[tuple[int, int]]:
+        return [(i, e.written) for i, e in self._extents.items() if e.recovering]
+
+    def open_extents(self) -> list[tuple[int, int]]:
+        return [(i, e.written) for i, e in self._extents.items() if not e.sealed]
+
+    def mark_bad(self, extent_id: int, reason: str) -> None:
+        ext = self._extents.get(extent_id)
+        if ext is not None:
+            ext.failed = reason
+
+
+def _runs(entries: dict[int, bytes]) -> list[tuple[int, bytes]]:
+    """Group block entries into runs of consecutive blocks, for one write each."""
+    runs: list[tuple[int, bytes]] = []
+    start = prev = -2
+    buf = bytearray()
+    for block in sorted(entries):
+        if block != prev + 1:
+            if buf:
+                runs.append((start, bytes(buf)))
+            start, buf = block, bytearray()
+        buf += entries[block]
+        prev = block
+    if buf:
+        runs.append((start, bytes(buf)))
+    return runs

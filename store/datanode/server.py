@@ -1,0 +1,163 @@
+"""The DataNode daemon: serves extents of its device and follows the MetaNode.
+
+Requests (op → args → result; bulk data raw in the frame):
+
+    create  {extent_id, stream_id, epoch, index}              → {}
+    append  {extent_id, offset, xxh3} + data                 → {length}   (durable on reply)
+    read    {extent_id, offset, length}                      → {start} + data, {entries}
+    seal    {extent_id, length}                              → {length}
+    delete  {extent_id}                                      → {}
+    stat    {extent_id}                                      → extent state
+    list    {}                                               → {extents: [...]}
+    ping    {}                                               → {node_id, usage}
+
+The node never talks to SQL (DESIGN §7): it heartbeats to the MetaNode addresses it was
+given, follows "not leader, go to X" redirects, and reconciles extents that were open at
+a restart with the sealed lengths the MetaNode answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from appendfs.store.datanode.backend import ExtentMeta
+from appendfs.store.datanode.config import DataNodeConfig
+from appendfs.store.datanode.extents import ExtentError, ExtentStore
+from appendfs.store.identity import NodeIdentity
+from appendfs.store.rpc import (
+    ChannelPool,
+    ClusterAuth,
+    ConnectionLost,
+    RpcError,
+    ServerOptions,
+    Started,
+    parse_address,
+    serve,
+)
+from appendfs.store.wire import Request
+
+log = logging.getLogger(__name__)
+
+
+class DataNode:
+    def __init__(self, cfg: DataNodeConfig, auth: ClusterAuth, ident: NodeIdentity, store: ExtentStore) -> None:
+        self.cfg = cfg
+        self.auth = auth
+        self.ident = ident
+        self.store = store
+        self.address = cfg.advertise or cfg.listen
+        self.registered = trio.Event()
+        self._metanode_index = 0
+        self._redirect: str | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = parse_address(self.cfg.listen)
+        opts = ServerOptions(max_inflight=self.cfg.max_inflight, node=self.ident.node_id)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.store.run)
+            bound = await nursery.start(serve, host, port, self.handle, self.auth, opts)
+            if port == 0:
+                self.address = f"{host}:{bound}"
+            nursery.start_soon(self._heartbeats)
+            log.info("datanode %s serving %s (%s backend)", self.ident.node_id, self.address, self.store.backend.kind)
+            task_status.started(bound)
+
+    # ---- requests -------------------------------------------------------------------
+
+    async def handle(self, req: Request, started: Started) -> tuple[dict[str, Any], bytes]:
+        a = req.args
+        try:
+            if req.op == "append":
+                length = await self.store.append(int(a["extent_id"]), int(a["offset"]), bytes(req.data),
+                                                 int(a["xxh3"]), started)
+                return {"length": length}, b""
+            started.started()
+            if req.op == "read":
+                start, data, entries = await self.store.read(int(a["extent_id"]), int(a["offset"]), int(a["length"]))
+                return {"start": start, "entries": entries}, data
+            if req.op == "create":
+                meta = ExtentMeta(extent_id=int(a["extent_id"]), stream_id=int(a["stream_id"]),
+                                  epoch=int(a.get("epoch", 1)), index=int(a.get("index", 0)))
+                await self.store.create(meta)
+                return {}, b""
+            if req.op == "seal":
+                return {"length": await self.store.seal(int(a["extent_id"]), int(a["length"]))}, b""
+            if req.op == "delete":
+                await self.store.delete(int(a["extent_id"]))
+                return {}, b""
+            if req.op == "stat":
+                return self.store.stat(int(a["extent_id"])), b""
+            if req.op == "list":
+                return {"extents": self.store.list()}, b""
+            if req.op == "ping":
+                return {"node_id": self.ident.node_id, "usage": self._usage()}, b""
+        except ExtentError as exc:
+            raise RpcError(exc.code, exc.message, **exc.details) from None
+        except (KeyError, ValueError, TypeError) as exc:
+            raise RpcError("bad_request", f"malformed {req.op} request: {exc!r}") from None
+        raise RpcError("bad_request", f"unknown operation {req.op!r}")
+
+    def _usage(self) -> dict[str, Any]:
+        u = self.store.backend.usage()
+        return {"capacity_bytes": u.capacity_bytes, "used_bytes": u.used_bytes, "free_bytes": u.free_bytes,
+                "full": self.store.full(), "backend": self.store.backend.kind}
+
+    # ---- control plane --------------------------------------------------------------
+
+    def _heartbeat_args(self) -> dict[str, Any]:
+        return {"node_id": self.ident.node_id, "address": self.address,
+                "failure_domain": self.cfg.failure_domain or self.ident.node_id,
+                "devices": [{"device_id": f"{self.ident.node_id}/0", **self._usage()}],
+                "recovering": [[i, n] for i, n in self.store.recovering()]}
+
+    async def _heartbeats(self) -> None:
+        async with ChannelPool(self.auth, connect_timeout_s=2.0) as pool:
+            while True:
+                try:
+                    result = await self._call_leader(pool, "heartbeat", self._heartbeat_args())
+                    self.registered.set()
+                    await self._apply(result.get("reconcile", []))
+                except (ConnectionLost, RpcError, trio.TooSlowError) as exc:
+                    log.warning("heartbeat failed: %s", exc)
+                await trio.sleep(self.cfg.heartbeat_interval_s)
+
+    async def _call_leader(self, pool: ChannelPool, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Call the leading MetaNode: try the configured addresses in turn, follow redirects."""
+        addresses = list(self.cfg.metanode)
+        last: Exception | None = None
+        for _ in range(len(addresses) + 2):
+            address = self._redirect or addresses[self._metanode_index % len(addresses)]
+            try:
+                ch = await pool.get(address)
+                result, _ = await ch.call(op, args, timeout_s=10.0)
+                return result
+            except RpcError as exc:
+                if exc.code != "not_leader":
+                    raise
+                last = exc
+                leader = exc.details.get("leader")
+                self._redirect = leader if leader and leader != address else None
+                if not self._redirect:
+                    self._metanode_index += 1
+            except (ConnectionLost, trio.TooSlowError) as exc:
+                last = exc
+                self._redirect = None
+                self._metanode_index += 1
+        raise ConnectionLost(f"no leading MetaNode reachable: {last}")
+
+    async def _apply(self, actions: list[dict[str, Any]]) -> None:
+        for act in actions:
+            extent_id = int(act["extent_id"])
+            try:
+                if act["action"] == "seal":
+                    await self.store.seal(extent_id, int(act["length"]))
+                    log.info("reconciled extent %x: sealed at %d", extent_id, act["length"])
+                elif act["action"] == "delete":
+                    await self.store.delete(extent_id)
+                    log.info("reconciled extent %x: deleted (unknown to the MetaNode)", extent_id)
+            except ExtentError as exc:
+                log.error("reconcile of extent %x failed: %s", extent_id, exc)
+                self.store.mark_bad(extent_id, str(exc))

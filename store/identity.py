@@ -1,0 +1,84 @@
+"""Cluster identity on disk: the secret file and a DataNode's directory stamp (DESIGN §7).
+
+``appendfs format`` creates the cluster id and secret in the database and writes them to
+a *secret file* (JSON, mode 0600) that DataNodes read with ``--secret-file``. A DataNode
+stamps its data directory with ``node.json`` {format_version, node_id, cluster_id} on
+first start and refuses a directory stamped by another cluster or another format version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from appendfs.errors import ClusterMismatch, ConfigError, VersionMismatch
+from appendfs.store.rpc import ClusterAuth
+
+DATADIR_FORMAT_VERSION = 1
+
+
+def new_cluster() -> ClusterAuth:
+    return ClusterAuth(cluster_id=str(uuid.uuid4()), secret=secrets.token_bytes(32))
+
+
+def write_secret_file(path: Path, auth: ClusterAuth) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"cluster_id": auth.cluster_id, "secret": auth.secret.hex()}, f)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_secret_file(path: Path) -> ClusterAuth:
+    try:
+        raw = json.loads(Path(path).read_text())
+        return ClusterAuth(cluster_id=str(raw["cluster_id"]), secret=bytes.fromhex(raw["secret"]))
+    except FileNotFoundError:
+        raise ConfigError(f"secret file {path} does not exist (appendfs format writes it)") from None
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"secret file {path} is not an appendfs secret file") from None
+    except OSError as exc:
+        raise ConfigError(f"secret file {path} cannot be read: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    node_id: str
+    cluster_id: str
+
+
+def claim_data_dir(data_dir: Path, cluster_id: str) -> NodeIdentity:
+    """Stamp a new data directory, or check that an existing one is ours."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stamp = data_dir / "node.json"
+    if stamp.exists():
+        try:
+            raw = json.loads(stamp.read_text())
+            version = int(raw["format_version"])
+            ident = NodeIdentity(node_id=str(raw["node_id"]), cluster_id=str(raw["cluster_id"]))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{stamp} is damaged; it is not an appendfs DataNode stamp") from None
+        if version != DATADIR_FORMAT_VERSION:
+            raise VersionMismatch(f"data directory {data_dir} format", DATADIR_FORMAT_VERSION, version)
+        if ident.cluster_id != cluster_id:
+            raise ClusterMismatch(f"data directory {data_dir} belongs to cluster {ident.cluster_id}, "
+                                  f"but the secret file is for cluster {cluster_id}; refusing to use it")
+        return ident
+    if any(p.name != "lost+found" for p in data_dir.iterdir()):
+        raise ClusterMismatch(f"data directory {data_dir} is not empty and has no node.json: not an appendfs DataNode directory")
+    ident = NodeIdentity(node_id=uuid.uuid4().hex[:16], cluster_id=cluster_id)
+    tmp = data_dir / "node.json.tmp"
+    tmp.write_text(json.dumps({"format_version": DATADIR_FORMAT_VERSION, "node_id": ident.node_id,
+                               "cluster_id": cluster_id}) + "\n")
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, stamp)
+    return ident

@@ -1,0 +1,1 @@
+"""appendfs.store.metanode — see the modules' docstrings."""

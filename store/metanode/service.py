@@ -1,0 +1,598 @@
+"""The MetaNode: cluster manager of DataNodes, streams, extents and placement (DESIGN §2, §7).
+
+Every MetaNode serves the wire protocol; only the leader answers, the others reply
+``not_leader`` with the leader's address. State lives in the cluster schema
+(:mod:`.schema`), written only by the leader inside transactions fenced by its epoch.
+Heartbeats and device usage live in the leader's memory.
+
+Requests (clients unless noted):
+
+    open_stream  {owner, redundancy, holder}            → {stream_id, lease_ttl_s, extent_max_bytes}
+    renew        {holder}                               → {streams: [ids still held]}
+    alloc_extent {stream_id, holder, avoid: [node ids]} → extent map (see ``_extent_map``)
+    seal_extent  {extent_id, holder, length}            → {length}
+    close_stream {stream_id, holder}                    → {}
+    get_extents  {extent_ids}                           → {extents: [extent map]}
+    report_bad   {extent_id, node_id, reason}           → {}
+    status       {}                                     → nodes, devices, extent health
+    heartbeat    {node_id, address, ...} (DataNodes)    → {reconcile: [{extent_id, action, length}]}
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import trio
+from sqlalchemy.engine import Connection, Engine
+
+from appendfs.db import is_retryable
+from appendfs.store.metanode import leader as leadership
+from appendfs.store.metanode.config import MetaNodeConfig
+from appendfs.store.metanode.schema import device, extent, node, replica, store_counter, stream
+from appendfs.store.placement import Candidate, PolicyError, choose, parse_policy
+from appendfs.store.rpc import ChannelPool, ClusterAuth, ConnectionLost, RpcError, ServerOptions, Started, parse_address, serve
+from appendfs.store.wire import Request
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+OWNERS = frozenset({"fs", "s3-part", "raw"})
+_ID_BATCH = 64
+
+
+@dataclass
+class NodeLive:
+    """What the leader knows of a DataNode from its heartbeats (memory only)."""
+
+    node_id: str
+    address: str
+    failure_domain: str
+    last_seen: float  # trio.current_time() of the last heartbeat
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    persisted_at: float = -math.inf
+
+
+class MetaNode:
+    def __init__(self, cfg: MetaNodeConfig, engine: Engine, auth: ClusterAuth, extent_max_bytes: int,
+                 rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.auth = auth
+        self.extent_max_bytes = extent_max_bytes
+        self.address = cfg.advertise or cfg.listen
+        self.rng = rng or random.Random()
+        self.epoch: int | None = None
+        self.lead_since = 0.0
+        self.nodes: dict[str, NodeLive] = {}
+        self._db_lane = trio.CapacityLimiter(4)
+        self._ids: dict[str, list[int]] = {"stream": [0, 0], "extent": [0, 0]}
+        self._leader_scope: trio.CancelScope | None = None
+        self._pool: ChannelPool | None = None
+        self.stats = {"allocations": 0, "seals": 0, "fences": 0, "bad_reports": 0, "heartbeats": 0}
+
+    # ---- lifetime -------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = parse_address(self.cfg.listen)
+        async with ChannelPool(self.auth, connect_timeout_s=3.0) as pool, trio.open_nursery() as nursery:
+            self._pool = pool
+            bound = await nursery.start(serve, host, port, self.handle, self.auth, ServerOptions(node="metanode"))
+            if port == 0:
+                self.address = f"{host}:{bound}"
+            nursery.start_soon(self._elect)
+            task_status.started(bound)
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._db_lane)
+
+    async def _elect(self) -> None:
+        lock = leadership.make_lock(self.engine)
+        while True:
+            try:
+                if await self._db(lock.try_acquire):
+                    self.epoch = await self._db(leadership.claim, self.engine, self.address)
+                    self.lead_since = trio.current_time()
+                    self._ids = {"stream": [0, 0], "extent": [0, 0]}
+                    log.info("metanode %s leads with epoch %d", self.address, self.epoch)
+                    try:
+                        with trio.CancelScope() as scope:
+                            self._leader_scope = scope
+                            async with trio.open_nursery() as nursery:
+                                nursery.start_soon(self._fence_loop)
+                                nursery.start_soon(self._watch_lock, lock)
+                    finally:
+                        log.warning("metanode %s stops leading (epoch %s)", self.address, self.epoch)
+                        self.epoch = None
+                        self.nodes.clear()
+                        await self._db(lock.release)
+            except sa.exc.DBAPIError as exc:
+                log.warning("election: database unavailable: %s", exc.__class__.__name__)
+            await trio.sleep(self.cfg.election_interval_s)
+
+    async def _watch_lock(self, lock: leadership.LeaderLock) -> None:
+        while await self._db(lock.still_held):
+            await trio.sleep(self.cfg.election_interval_s)
+        self._step_down("leader lock lost")
+
+    def _step_down(self, why: str) -> None:
+        log.error("stepping down: %s", why)
+        if self._leader_scope is not None:
+            self._leader_scope.cancel()
+
+    # ---- transactions ---------------------------------------------------------------
+
+    def _tx(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a write transaction fenced by our epoch; retry transient conflicts."""
+        epoch = self.epoch
+        if epoch is None:
+            raise leadership.NotLeader("not leading")
+        for attempt in range(8):
+            try:
+                with self.engine.begin() as c:
+                    leadership.fence(c, epoch)
+                    return fn(c)
+            except sa.exc.DBAPIError as exc:
+                if not is_retryable(exc) or attempt == 7:
+                    raise
+                time.sleep(0.01 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _write(self, fn: Callable[[Connection], T]) -> T:
+        try:
+            return await self._db(self._tx, fn)
+        except leadership.NotLeader:
+            self._step_down("epoch superseded")
+            raise RpcError("not_leader", "this metanode lost the leadership") from None
+        except sa.exc.DBAPIError as exc:
+            raise RpcError("unavailable", f"database error: {exc.__class__.__name__}") from None
+
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
+        def run() -> T:
+            with self.engine.connect() as c:
+                return fn(c)
+        try:
+            return await self._db(run)
+        except sa.exc.DBAPIError as exc:
+            raise RpcError("unavailable", f"database error: {exc.__class__.__name__}") from None
+
+    async def _next_id(self, name: str) -> int:
+        span = self._ids[name]
+        if span[0] >= span[1]:
+            def take(c: Connection) -> int:
+                row = c.execute(sa.select(store_counter.c.next_value).where(store_counter.c.name == name)).scalar_one()
+                c.execute(store_counter.update().where(store_counter.c.name == name).values(next_value=row + _ID_BATCH))
+                return int(row)
+            first = await self._write(take)
+            span[0], span[1] = first, first + _ID_BATCH
+        value = span[0]
+        span[0] += 1
+        return value
+
+    # ---- dispatch -------------------------------------------------------------------
+
+    async def handle(self, req: Request, started: Started) -> tuple[dict[str, Any], bytes]:
+        started.started()
+        if self.epoch is None:
+            _, address = await self._read(lambda c: leadership.current(self.engine))
+            raise RpcError("not_leader", "this metanode is a standby", leader=address or "")
+        handler = getattr(self, f"op_{req.op}", None)
+        if handler is None:
+            raise RpcError("bad_request", f"unknown operation {req.op!r}")
+        try:
+            return await handler(**req.args), b""
+        except TypeError as exc:
+            raise RpcError("bad_request", f"malformed {req.op} request: {exc}") from None
+
+    # ---- streams --------------------------------------------------------------------
+
+    async def op_open_stream(self, owner: str, redundancy: str, holder: str) -> dict[str, Any]:
+        if owner not in OWNERS:
+            raise RpcError("bad_request", f"owner {owner!r} is not one of {sorted(OWNERS)}")
+        try:
+            policy = parse_policy(redundancy)
+        except PolicyError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+        if policy.kind == "ec":
+            raise RpcError("unsupported", "erasure-coded streams are not available yet; use rep:N")
+        stream_id = await self._next_id("stream")
+        now = time.time_ns()
+        expiry = now + int(self.cfg.lease_ttl_s * 1e9)
+        await self._write(lambda c: c.execute(stream.insert().values(
+            stream_id=stream_id, owner=owner, redundancy=str(policy), state="open", lease_holder=holder,
+            lease_expiry_ns=expiry, created_ns=now)))
+        return {"stream_id": stream_id, "lease_ttl_s": self.cfg.lease_ttl_s, "extent_max_bytes": self.extent_max_bytes}
+
+    async def op_renew(self, holder: str) -> dict[str, Any]:
+        expiry = time.time_ns() + int(self.cfg.lease_ttl_s * 1e9)
+
+        def renew(c: Connection) -> list[int]:
+            now = time.time_ns()
+            held = stream.c.lease_holder == holder
+            c.execute(stream.update().where(held, stream.c.state == "open", stream.c.lease_expiry_ns >= now)
+                      .values(lease_expiry_ns=expiry))
+            rows = c.execute(sa.select(stream.c.stream_id).where(held, stream.c.state == "open",
+                                                                  stream.c.lease_expiry_ns == expiry))
+            return [int(r.stream_id) for r in rows]
+        return {"streams": await self._write(renew)}
+
+    @staticmethod
+    def _check_lease(c: Connection, stream_id: int, holder: str) -> sa.Row[Any]:
+        row = c.execute(sa.select(stream).where(stream.c.stream_id == stream_id)).first()
+        if row is None:
+            raise RpcError("not_found", f"stream {stream_id} does not exist")
+        if row.state != "open" or row.lease_holder != holder or row.lease_expiry_ns < time.time_ns():
+            raise RpcError("lease_lost", f"stream {stream_id} is not held by {holder} (fenced or expired)")
+        return row
+
+    async def op_close_stream(self, stream_id: int, holder: str) -> dict[str, Any]:
+        def close(c: Connection) -> None:
+            self._check_lease(c, stream_id, holder)
+            open_ext = c.execute(sa.select(extent.c.extent_id).where(extent.c.stream_id == stream_id,
+                                                                      extent.c.state == "open")).first()
+            if open_ext is not None:
+                raise RpcError("conflict", f"extent {open_ext.extent_id} of stream {stream_id} is still open: seal it first")
+            c.execute(stream.update().where(stream.c.stream_id == stream_id)
+                      .values(state="closed", lease_holder=None, lease_expiry_ns=None))
+        await self._write(close)
+        return {}
+
+    # ---- extents --------------------------------------------------------------------
+
+    def _candidates(self) -> tuple[list[Candidate], int, int]:
+        """Healthy devices with room, plus counts of live nodes and of full ones."""
+        now = trio.current_time()
+        out, live, full = [], 0, 0
+        for n in self.nodes.values():
+            if now - n.last_seen > self.cfg.dead_after_s:
+                continue
+            live += 1
+            for d in n.devices:
+                if d.get("full"):
+                    full += 1
+                    continue
+                out.append(Candidate(d["device_id"], n.node_id, n.address, n.failure_domain, int(d["free_bytes"])))
+        return out, live, full
+
+    async def op_alloc_extent(self, stream_id: int, holder: str, avoid: list[str] | None = None,
+                              seq: int | None = None) -> dict[str, Any]:
+        srow = await self._read(lambda c: self._check_lease(c, stream_id, holder))
+        if seq is not None:  # a retried allocation whose answer was lost: hand out the same extent
+            def existing(c: Connection) -> dict[str, Any] | None:
+                row = c.execute(sa.select(extent.c.extent_id).where(
+                    extent.c.stream_id == stream_id, extent.c.seq == seq, extent.c.state == "open")).first()
+                return None if row is None else self._extent_map(c, row.extent_id, {})
+            found = await self._read(existing)
+            if found is not None:
+                return {**found, "under_replicated": len(found["replicas"]) < parse_policy(srow.redundancy).width}
+        policy = parse_policy(srow.redundancy)
+        need, minimum = policy.width, policy.write_min(self.cfg.write_min)
+        extent_id = await self._next_id("extent")
+        avoid_set = frozenset(avoid or ())
+        placed: list[tuple[Candidate, int]] = []
+        failed: set[str] = set()
+        for _round in range(3):
+            candidates, live, full = self._candidates()
+            candidates = [c for c in candidates if c.node_id not in failed and c.node_id not in {p.node_id for p, _ in placed}]
+            domains = {p.failure_domain for p, _ in placed}
+            candidates = [c for c in candidates if c.failure_domain not in domains]
+            chosen = choose(candidates, need - len(placed), self.rng, avoid_set)
+            if not chosen:
+                break
+            results = await self._create_on(chosen, extent_id, stream_id, start_idx=len(placed) + len(failed))
+            for cand, ok in zip(chosen, results, strict=True):
+                if ok:
+                    placed.append((cand, len(placed)))
+                else:
+                    failed.add(cand.node_id)
+            if len(placed) >= need:
+                break
+        if len(placed) < minimum:
+            await self._cleanup_created(extent_id, [c for c, _ in placed])
+            candidates, live, full = self._candidates()
+            if full and not candidates:
+                raise RpcError("no_space", f"no device has room for a new extent ({full} full)")
+            raise RpcError("unavailable", f"only {len(placed)} of {need} replicas could be placed "
+                                          f"({live} DataNodes alive); at least {minimum} needed")
+
+        def record(c: Connection) -> int:
+            self._check_lease(c, stream_id, holder)
+            last = c.execute(sa.select(extent.c.seq, extent.c.state).where(extent.c.stream_id == stream_id)
+                             .order_by(extent.c.seq.desc()).limit(1)).first()
+            if last is not None and last.state == "open":
+                raise RpcError("conflict", f"stream {stream_id} still has an open extent: seal it first")
+            seq = 0 if last is None else last.seq + 1
+            c.execute(extent.insert().values(extent_id=extent_id, stream_id=stream_id, seq=seq, state="open",
+                                             sealed_length=None, redundancy=str(policy), placement_epoch=1,
+                                             created_ns=time.time_ns()))
+            for cand, idx in placed:
+                c.execute(replica.insert().values(extent_id=extent_id, idx=idx, node_id=cand.node_id,
+                                                  device_id=cand.device_id, state="ok", reason=None))
+            return seq
+        try:
+            seq = await self._write(record)
+        except RpcError:
+            await self._cleanup_created(extent_id, [c for c, _ in placed])
+            raise
+        self.stats["allocations"] += 1
+        if len(placed) < need:
+            log.warning("extent %d placed on %d of %d nodes (degraded): under-replicated", extent_id, len(placed), need)
+        return {"extent_id": extent_id, "seq": seq, "epoch": 1, "state": "open", "sealed_length": None,
+                "redundancy": str(policy),
+                "replicas": [{"idx": idx, "node_id": c.node_id, "address": c.address, "state": "ok"} for c, idx in placed],
+                "under_replicated": len(placed) < need}
+
+    async def _create_on(self, chosen: list[Candidate], extent_id: int, stream_id: int, start_idx: int) -> list[bool]:
+        results = [False] * len(chosen)
+
+        async def one(i: int, cand: Candidate) -> None:
+            assert self._pool is not None
+            try:
+                ch = await self._pool.get(cand.address)
+                await ch.call("create", {"extent_id": extent_id, "stream_id": stream_id, "epoch": 1,
+                                         "index": start_idx + i}, timeout_s=self.cfg.create_timeout_s)
+                results[i] = True
+            except (ConnectionLost, RpcError, trio.TooSlowError) as exc:
+                log.warning("create of extent %d on %s failed: %s", extent_id, cand.node_id, exc)
+                if isinstance(exc, RpcError) and exc.code == "no_space":
+                    self._mark_full(cand.node_id)
+        async with trio.open_nursery() as nursery:
+            for i, cand in enumerate(chosen):
+                nursery.start_soon(one, i, cand)
+        return results
+
+    def _mark_full(self, node_id: str) -> None:
+        n = self.nodes.get(node_id)
+        if n is not None:
+            for d in n.devices:
+                d["full"] = True
+
+    async def _cleanup_created(self, extent_id: int, placed: list[Candidate]) -> None:
+        for cand in placed:
+            try:
+                assert self._pool is not None
+                ch = await self._pool.get(cand.address)
+                await ch.call("delete", {"extent_id": extent_id}, timeout_s=self.cfg.create_timeout_s)
+            except (ConnectionLost, RpcError, trio.TooSlowError):
+                pass
+
+    @staticmethod
+    def _extent_map(c: Connection, extent_id: int, addresses: dict[str, str]) -> dict[str, Any] | None:
+        row = c.execute(sa.select(extent).where(extent.c.extent_id == extent_id)).first()
+        if row is None:
+            return None
+        reps = c.execute(sa.select(replica, node.c.address).join(node, node.c.node_id == replica.c.node_id)
+                         .where(replica.c.extent_id == extent_id).order_by(replica.c.idx)).all()
+        return {"extent_id": extent_id, "stream_id": row.stream_id, "seq": row.seq, "epoch": row.placement_epoch,
+                "state": row.state, "sealed_length": row.sealed_length, "redundancy": row.redundancy,
+                "replicas": [{"idx": r.idx, "node_id": r.node_id, "address": addresses.get(r.node_id, r.address),
+                              "state": r.state} for r in reps]}
+
+    async def op_get_extents(self, extent_ids: list[int]) -> dict[str, Any]:
+        addresses = {n.node_id: n.address for n in self.nodes.values()}
+
+        def get(c: Connection) -> list[dict[str, Any]]:
+            out = []
+            for i in extent_ids[:1024]:
+                m = self._extent_map(c, int(i), addresses)
+                if m is not None:
+                    out.append(m)
+            return out
+        return {"extents": await self._read(get)}
+
+    async def op_seal_extent(self, extent_id: int, holder: str, length: int) -> dict[str, Any]:
+        def check(c: Connection) -> dict[str, Any] | None:
+            row = c.execute(sa.select(extent.c.stream_id).where(extent.c.extent_id == extent_id)).first()
+            if row is None:
+                raise RpcError("not_found", f"extent {extent_id} does not exist")
+            self._check_lease(c, row.stream_id, holder)
+            return self._extent_map(c, extent_id, {})
+        emap = await self._read(check)
+        assert emap is not None
+        return {"length": await self._seal(emap, int(length))}
+
+    async def _seal(self, emap: dict[str, Any], length: int) -> int:
+        """Seal every reachable replica at ``length`` and record it; unreachable ones reconcile later."""
+        extent_id = emap["extent_id"]
+        if emap["state"] == "sealed":
+            if emap["sealed_length"] != length:
+                raise RpcError("conflict", f"extent {extent_id} is sealed at {emap['sealed_length']}",
+                               length=emap["sealed_length"])
+            return length
+        outcome: dict[int, tuple[str, str | None]] = {}
+
+        async def one(rep: dict[str, Any]) -> None:
+            assert self._pool is not None
+            address = self._address_of(rep)
+            try:
+                ch = await self._pool.get(address)
+                await ch.call("seal", {"extent_id": extent_id, "length": length}, timeout_s=self.cfg.create_timeout_s)
+                outcome[rep["idx"]] = ("ok", None)
+            except RpcError as exc:
+                state = "missing" if exc.code in ("short", "not_found") else "corrupt"
+                outcome[rep["idx"]] = (state, exc.message[:250])
+                log.error("seal of extent %d on %s failed: %s", extent_id, rep["node_id"], exc)
+            except (ConnectionLost, trio.TooSlowError) as exc:
+                outcome[rep["idx"]] = ("unsealed", f"unreachable at seal: {exc}"[:250])
+        async with trio.open_nursery() as nursery:
+            for rep in emap["replicas"]:
+                if rep["state"] in ("ok", "unsealed"):
+                    nursery.start_soon(one, rep)
+
+        def record(c: Connection) -> None:
+            res = c.execute(extent.update().where(extent.c.extent_id == extent_id, extent.c.state == "open")
+                            .values(state="sealed", sealed_length=length))
+            if res.rowcount != 1:
+                raise RpcError("conflict", f"extent {extent_id} was sealed concurrently")
+            for idx, (state, reason) in outcome.items():
+                c.execute(replica.update().where(replica.c.extent_id == extent_id, replica.c.idx == idx)
+                          .values(state=state, reason=reason))
+        await self._write(record)
+        self.stats["seals"] += 1
+        return length
+
+    def _address_of(self, rep: dict[str, Any]) -> str:
+        live = self.nodes.get(rep["node_id"])
+        return live.address if live is not None else str(rep["address"])
+
+    async def op_report_bad(self, extent_id: int, node_id: str, reason: str) -> dict[str, Any]:
+        log.error("corrupt replica reported: extent %d on node %s: %s", extent_id, node_id, reason)
+        self.stats["bad_reports"] += 1
+        await self._write(lambda c: c.execute(
+            replica.update().where(replica.c.extent_id == extent_id, replica.c.node_id == node_id)
+            .values(state="corrupt", reason=reason[:250])))
+        return {}
+
+    # ---- fencing of dead writers ----------------------------------------------------
+
+    async def _fence_loop(self) -> None:
+        # A new leader gives writers one lease period to find it before fencing anyone.
+        await trio.sleep(self.cfg.lease_ttl_s)
+        while True:
+            now = time.time_ns()
+            expired = await self._read(lambda c: [int(r.stream_id) for r in c.execute(
+                sa.select(stream.c.stream_id).where(stream.c.state == "open", stream.c.lease_expiry_ns < now))])
+            for stream_id in expired:
+                try:
+                    await self._fence(stream_id)
+                except (RpcError, ConnectionLost) as exc:
+                    log.warning("fencing stream %d failed, will retry: %s", stream_id, exc)
+            await trio.sleep(1.0)
+
+    async def _fence(self, stream_id: int) -> None:
+        """The writer is gone: seal its open extent at the minimum over reachable replicas."""
+        def open_extent(c: Connection) -> dict[str, Any] | None:
+            row = c.execute(sa.select(extent.c.extent_id).where(extent.c.stream_id == stream_id,
+                                                                 extent.c.state == "open")).first()
+            return None if row is None else self._extent_map(c, row.extent_id, {})
+        emap = await self._read(open_extent)
+        if emap is not None:
+            lengths = []
+            for rep in emap["replicas"]:
+                try:
+                    assert self._pool is not None
+                    ch = await self._pool.get(self._address_of(rep))
+                    st, _ = await ch.call("stat", {"extent_id": emap["extent_id"]}, timeout_s=self.cfg.create_timeout_s)
+                    lengths.append(int(st["length"]))
+                except (ConnectionLost, RpcError, trio.TooSlowError):
+                    continue
+            if not lengths:
+                raise RpcError("unavailable", f"no replica of extent {emap['extent_id']} reachable")
+            await self._seal(emap, min(lengths))
+            log.info("fenced stream %d: extent %d sealed at %d", stream_id, emap["extent_id"], min(lengths))
+        await self._write(lambda c: c.execute(stream.update().where(stream.c.stream_id == stream_id)
+                                              .values(state="closed", lease_holder=None, lease_expiry_ns=None)))
+        self.stats["fences"] += 1
+
+    # ---- DataNodes ------------------------------------------------------------------
+
+    async def op_heartbeat(self, node_id: str, address: str, failure_domain: str, devices: list[dict[str, Any]],
+                           recovering: list[list[int]]) -> dict[str, Any]:
+        now = trio.current_time()
+        live = self.nodes.get(node_id)
+        if live is None or live.address != address:
+            log.info("datanode %s registered at %s", node_id, address)
+            live = NodeLive(node_id, address, failure_domain, now, devices)
+            self.nodes[node_id] = live
+        live.last_seen, live.devices = now, devices
+        self.stats["heartbeats"] += 1
+        if now - live.persisted_at > 10.0:
+            live.persisted_at = now
+            await self._write(lambda c: self._persist_node(c, live))
+        actions = [await self._reconcile(node_id, int(e), int(n)) for e, n in recovering]
+        return {"reconcile": [a for a in actions if a is not None]}
+
+    @staticmethod
+    def _persist_node(c: Connection, live: NodeLive) -> None:
+        now = time.time_ns()
+        res = c.execute(node.update().where(node.c.node_id == live.node_id).values(
+            address=live.address, failure_domain=live.failure_domain, last_seen_ns=now))
+        if res.rowcount == 0:
+            c.execute(node.insert().values(node_id=live.node_id, address=live.address, failure_domain=live.failure_domain,
+                                           state="active", first_seen_ns=now, last_seen_ns=now))
+        for d in live.devices:
+            values = {"node_id": live.node_id, "backend": d.get("backend", "file"),
+                      "capacity_bytes": int(d["capacity_bytes"]), "used_bytes": int(d["used_bytes"])}
+            res = c.execute(device.update().where(device.c.device_id == d["device_id"]).values(**values))
+            if res.rowcount == 0:
+                c.execute(device.insert().values(device_id=d["device_id"], **values))
+
+    async def _reconcile(self, node_id: str, extent_id: int, local_length: int) -> dict[str, Any] | None:
+        """A DataNode restarted with ``extent_id`` open: tell it how the extent ended."""
+        emap = await self._read(lambda c: self._extent_map(c, extent_id, {}))
+        if emap is None:
+            return {"extent_id": extent_id, "action": "delete"}  # never recorded: garbage of a failed allocation
+        mine = [r for r in emap["replicas"] if r["node_id"] == node_id]
+        if not mine:
+            return {"extent_id": extent_id, "action": "delete"}
+        if emap["state"] == "open":
+            srow = await self._read(lambda c: c.execute(sa.select(stream).where(stream.c.stream_id == emap["stream_id"])).first())
+            if srow is not None and srow.lease_expiry_ns is not None and srow.lease_expiry_ns < time.time_ns():
+                await self._fence(emap["stream_id"])
+            return None  # the live writer will seal it (the seal reaches this node), or the fence will
+        sealed = int(emap["sealed_length"])
+        if local_length < sealed:
+            log.error("replica of extent %d on %s has %d bytes, fewer than sealed %d: marking it missing",
+                      extent_id, node_id, local_length, sealed)
+            await self._write(lambda c: c.execute(replica.update().where(
+                replica.c.extent_id == extent_id, replica.c.node_id == node_id).values(
+                state="missing", reason=f"only {local_length} of {sealed} bytes after restart")))
+            return {"extent_id": extent_id, "action": "delete"}
+        await self._write(lambda c: c.execute(replica.update().where(
+            replica.c.extent_id == extent_id, replica.c.node_id == node_id, replica.c.state == "unsealed").values(
+            state="ok", reason=None)))
+        return {"extent_id": extent_id, "action": "seal", "length": sealed}
+
+    # ---- status ---------------------------------------------------------------------
+
+    async def op_status(self) -> dict[str, Any]:
+        now = trio.current_time()
+        alive = {n.node_id for n in self.nodes.values() if now - n.last_seen <= self.cfg.dead_after_s}
+
+        def gather(c: Connection) -> dict[str, Any]:
+            nodes = [dict(r._mapping) for r in c.execute(sa.select(node).order_by(node.c.node_id))]
+            devices = [dict(r._mapping) for r in c.execute(sa.select(device).order_by(device.c.device_id))]
+            reps = c.execute(sa.select(replica.c.extent_id, replica.c.node_id, replica.c.state, extent.c.redundancy,
+                                       extent.c.state.label("extent_state"))
+                             .join(extent, extent.c.extent_id == replica.c.extent_id)).all()
+            counts = c.execute(sa.select(extent.c.state, sa.func.count()).group_by(extent.c.state)).all()
+            return {"nodes": nodes, "devices": devices, "replicas": reps, "counts": dict(counts)}
+        raw = await self._read(gather)
+        health: dict[int, tuple[int, int, int]] = {}  # extent → (width, good, readable)
+        for r in raw["replicas"]:
+            width = parse_policy(r.redundancy).width
+            good = r.state == "ok" and r.node_id in alive
+            readable = r.state in ("ok", "unsealed") and r.node_id in alive
+            w, g, rd = health.get(r.extent_id, (width, 0, 0))
+            health[r.extent_id] = (w, g + good, rd + readable)
+        summary = {"healthy": 0, "under_replicated": 0, "lost": 0}
+        under = []
+        for extent_id, (width, good, readable) in sorted(health.items()):
+            if readable == 0:
+                summary["lost"] += 1
+                under.append(extent_id)
+            elif good < width:
+                summary["under_replicated"] += 1
+                under.append(extent_id)
+            else:
+                summary["healthy"] += 1
+        live_devices = {d["device_id"]: d for n in self.nodes.values() for d in n.devices}
+        for n in raw["nodes"]:
+            live = self.nodes.get(n["node_id"])
+            n["alive"] = n["node_id"] in alive
+            n["seen_ago_s"] = None if live is None else round(now - live.last_seen, 1)
+            if live is not None:
+                n["address"] = live.address
+        for d in raw["devices"]:
+            if d["device_id"] in live_devices:
+                ld = live_devices[d["device_id"]]
+                d.update(capacity_bytes=ld["capacity_bytes"], used_bytes=ld["used_bytes"],
+                         free_bytes=ld["free_bytes"], full=ld["full"])
+        return {"leader": self.address, "epoch": self.epoch, "nodes": raw["nodes"], "devices": raw["devices"],
+                "extents": {"open": raw["counts"].get("open", 0), "sealed": raw["counts"].get("sealed", 0), **summary},
+                "under_replicated_extents": under[:200]}

@@ -1,0 +1,394 @@
+"""Trio transport for the wire protocol: authenticated channels (client) and a server loop.
+
+Only moves bytes between sockets and :class:`appendfs.store.wire.Connection`.
+
+Client side: a :class:`Channel` is one TCP connection; many requests may be in flight on
+it at once (pipelining) and responses are matched by request id. Requests are written in
+the order ``send()`` is called, which is what keeps appends to one extent in order.
+Channels live in a :class:`ChannelPool` whose nursery owns their reader tasks.
+
+Server side: :func:`serve` accepts connections, runs the handshake under a deadline and
+then reads requests. Each request runs as a task started with ``nursery.start``: the
+handler calls ``task_status.started()`` once its *ordered* part is done (an append has
+been written at its offset), and only then is the next request of that connection read.
+So appends on one connection are applied in order, while their durability waits and
+replies overlap. Any protocol violation closes that connection with one log line and
+never disturbs other connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from appendfs.errors import AppendfsError
+from appendfs.store.wire import (
+    NEED_DATA,
+    Authenticated,
+    Closed,
+    Connection,
+    Hello,
+    ProtocolError,
+    Request,
+    Response,
+    Role,
+)
+from appendfs.store.wire.protocol import NONCE_BYTES
+
+log = logging.getLogger(__name__)
+
+#: Error codes after which the same request may succeed later.
+TEMPORARY_CODES = frozenset({"not_leader", "unavailable", "recovering", "busy", "timeout", "no_leader"})
+RECV_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ClusterAuth:
+    """The cluster identity every connection proves: its id and shared secret."""
+
+    cluster_id: str
+    secret: bytes
+
+
+class RpcError(AppendfsError):
+    """The peer answered a request with an error (``code`` is machine-readable)."""
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details
+        self.temporary = code in TEMPORARY_CODES
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **self.details}
+
+    @classmethod
+    def from_wire(cls, error: dict[str, Any]) -> RpcError:
+        details = {k: v for k, v in error.items() if k not in ("code", "message")}
+        return cls(str(error.get("code", "internal")), str(error.get("message", "")), **details)
+
+
+class ConnectionLost(AppendfsError):
+    """The connection failed or closed before the answer came (the peer may be dead)."""
+
+    temporary = True
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# ---- client ---------------------------------------------------------------------------
+
+
+class _Pending:
+    __slots__ = ("done", "error", "response")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.response: Response | None = None
+        self.error: BaseException | None = None
+
+
+class Channel:
+    """One authenticated client connection with pipelined requests."""
+
+    def __init__(self, address: str, stream: trio.SocketStream, conn: Connection) -> None:
+        self.address = address
+        self.peer_node = conn.peer_node
+        self._stream = stream
+        self._conn = conn
+        self._send_lock = trio.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 1
+        self.broken: BaseException | None = None
+
+    async def send(self, op: str, args: dict[str, Any] | None = None,
+                   data: bytes | bytearray | memoryview = b"") -> _Pending:
+        """Write a request now (in call order); await ``wait(pending)`` for its answer."""
+        if self.broken is not None:
+            raise ConnectionLost(f"connection to {self.address} is broken: {self.broken}")
+        req_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
+        pending = _Pending()
+        self._pending[req_id] = pending
+        chunks = self._conn.send(Request(req_id=req_id, op=op, args=args or {}, data=data))
+        try:
+            async with self._send_lock:
+                for chunk in chunks:
+                    await self._stream.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(exc)
+            raise ConnectionLost(f"sending to {self.address} failed: {exc}") from None
+        return pending
+
+    async def wait(self, pending: _Pending, timeout_s: float = math.inf) -> tuple[dict[str, Any], bytes]:
+        """Wait for a request's answer; raise RpcError, ConnectionLost or trio.TooSlowError."""
+        with trio.fail_after(timeout_s):
+            await pending.done.wait()
+        if pending.error is not None:
+            raise ConnectionLost(f"connection to {self.address} lost: {pending.error}")
+        resp = pending.response
+        assert resp is not None
+        if resp.error is not None:
+            raise RpcError.from_wire(resp.error)
+        return resp.result, bytes(resp.data) if not isinstance(resp.data, bytes) else resp.data
+
+    async def call(self, op: str, args: dict[str, Any] | None = None,
+                   data: bytes | bytearray | memoryview = b"", timeout_s: float = math.inf) -> tuple[dict[str, Any], bytes]:
+        return await self.wait(await self.send(op, args, data), timeout_s)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.broken is None:
+            self.broken = exc
+        for pending in self._pending.values():
+            pending.error = exc
+            pending.done.set()
+        self._pending.clear()
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                event = self._conn.next_event()
+                if event is NEED_DATA:
+                    self._conn.receive_data(await self._stream.receive_some(RECV_CHUNK_BYTES))
+                    continue
+                if isinstance(event, Closed):
+                    raise ConnectionLost("peer closed the connection")
+                assert isinstance(event, Response)
+                pending = self._pending.pop(event.req_id, None)
+                if pending is not None:
+                    pending.response = event
+                    pending.done.set()
+        except (ProtocolError, ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if not isinstance(exc, trio.ClosedResourceError):
+                log.debug("channel to %s ended: %s", self.address, exc)
+            self._fail(exc)
+        finally:
+            self._fail(ConnectionLost("channel closed"))
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    async def aclose(self) -> None:
+        self._fail(ConnectionLost("channel closed by us"))
+        await self._stream.aclose()
+
+
+async def _handshake_client(address: str, auth: ClusterAuth, timeout_s: float,
+                            max_data_bytes: int) -> tuple[trio.SocketStream, Connection]:
+    host, port = parse_address(address)
+    conn = Connection(Role.CLIENT, cluster_id=auth.cluster_id, secret=auth.secret,
+                      nonce=os.urandom(NONCE_BYTES), max_data_bytes=max_data_bytes)
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await trio.open_tcp_stream(host, port)
+            try:
+                stream.setsockopt(6, 1, 1)  # TCP_NODELAY: small request frames must not wait for Nagle
+                hello = await _next(conn, stream)
+                if not isinstance(hello, Hello):
+                    raise ProtocolError("expected HELLO")
+                if hello.cluster_id != auth.cluster_id:
+                    raise ProtocolError(f"{address} belongs to cluster {hello.cluster_id!r}, not {auth.cluster_id!r}")
+                for chunk in conn.auth():
+                    await stream.send_all(chunk)
+                if not isinstance(await _next(conn, stream), Authenticated):
+                    raise ProtocolError("expected AUTHOK")
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost, ProtocolError) as exc:
+        raise ConnectionLost(f"cannot connect to {address}: {exc or exc.__class__.__name__}") from None
+    return stream, conn
+
+
+async def _next(conn: Connection, stream: trio.SocketStream) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not NEED_DATA:
+            if isinstance(event, Closed):
+                raise ConnectionLost("peer closed during handshake")
+            return event
+        conn.receive_data(await stream.receive_some(RECV_CHUNK_BYTES))
+
+
+class ChannelPool:
+    """Cached channels by address; owns their reader tasks. Use as ``async with``."""
+
+    def __init__(self, auth: ClusterAuth, *, connect_timeout_s: float = 5.0,
+                 max_data_bytes: int = 16 * 1024 * 1024 + 65536) -> None:
+        self.auth = auth
+        self.connect_timeout_s = connect_timeout_s
+        self.max_data_bytes = max_data_bytes
+        self._channels: dict[tuple[str, str], Channel] = {}
+        self._locks: dict[tuple[str, str], trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def __aenter__(self) -> ChannelPool:
+        self._cm = trio.open_nursery()
+        self._nursery = await self._cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        return await self._cm.__aexit__(*exc)
+
+    async def get(self, address: str, lane: str = "") -> Channel:
+        """A healthy channel to ``address``; ``lane`` keeps separate connections per use."""
+        key = (address, lane)
+        ch = self._channels.get(key)
+        if ch is not None and ch.broken is None:
+            return ch
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:
+            ch = self._channels.get(key)
+            if ch is not None and ch.broken is None:
+                return ch
+            ch = await self.open(address)
+            self._channels[key] = ch
+            return ch
+
+    async def open(self, address: str) -> Channel:
+        """A new, uncached channel (closed with the pool or by ``drop``)."""
+        assert self._nursery is not None, "ChannelPool used outside 'async with'"
+        stream, conn = await _handshake_client(address, self.auth, self.connect_timeout_s, self.max_data_bytes)
+        ch = Channel(address, stream, conn)
+        self._nursery.start_soon(ch._reader)
+        return ch
+
+    async def drop(self, ch: Channel) -> None:
+        for key, cached in list(self._channels.items()):
+            if cached is ch:
+                del self._channels[key]
+        await ch.aclose()
+
+
+# ---- server ---------------------------------------------------------------------------
+
+Handler = Callable[[Request, "Started"], Awaitable[tuple[dict[str, Any], bytes | bytearray | memoryview]]]
+
+
+class Started:
+    """Idempotent wrapper of a task_status: ``started()`` releases the connection's reader."""
+
+    __slots__ = ("_done", "_status")
+
+    def __init__(self, status: Any) -> None:
+        self._status = status
+        self._done = False
+
+    def started(self) -> None:
+        if not self._done:
+            self._done = True
+            self._status.started()
+
+
+@dataclass
+class ServerOptions:
+    handshake_timeout_s: float = 10.0
+    max_inflight: int = 64
+    max_data_bytes: int = 16 * 1024 * 1024 + 65536
+    node: str = ""
+
+
+async def serve_connection(stream: trio.SocketStream, handler: Handler, auth: ClusterAuth,
+                           opts: ServerOptions) -> None:
+    """Run one accepted connection to completion; never raises for peer misbehaviour."""
+    peer = _peer_name(stream)
+    conn = Connection(Role.SERVER, cluster_id=auth.cluster_id, secret=auth.secret,
+                      nonce=os.urandom(NONCE_BYTES), max_data_bytes=opts.max_data_bytes, node=opts.node)
+    send_lock = trio.Lock()
+    limit = trio.Semaphore(opts.max_inflight)
+
+    async def send(chunks: list[Any]) -> None:
+        async with send_lock:
+            for chunk in chunks:
+                await stream.send_all(chunk)
+
+    async def run(req: Request, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        started = Started(task_status)
+        try:
+            result, data = await handler(req, started)
+            resp = Response(req_id=req.req_id, result=result, data=data)
+        except RpcError as exc:
+            resp = Response(req_id=req.req_id, error=exc.to_wire())
+        except Exception as exc:
+            log.exception("request %s from %s failed", req.op, peer)
+            resp = Response(req_id=req.req_id, error={"code": "internal", "message": f"{exc.__class__.__name__}: {exc}"})
+        finally:
+            started.started()
+            limit.release()
+        try:
+            await send(conn.send(resp))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    try:
+        with trio.fail_after(opts.handshake_timeout_s):
+            await send(conn.hello())
+            event = await _next(conn, stream)
+            if not isinstance(event, Authenticated):
+                raise ProtocolError("expected AUTH")
+            await send(conn.authok())
+        async with trio.open_nursery() as nursery:
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    data = await stream.receive_some(RECV_CHUNK_BYTES)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, Closed):
+                    break
+                assert isinstance(event, Request)
+                await limit.acquire()
+                await nursery.start(run, event)
+    except ProtocolError as exc:
+        log.warning("closing connection from %s: %s", peer, exc)
+    except trio.TooSlowError:
+        log.warning("closing connection from %s: no handshake within %.0f s", peer, opts.handshake_timeout_s)
+    except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        log.info("connection from %s ended: %s", peer, exc or exc.__class__.__name__)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+async def serve(host: str, port: int, handler: Handler, auth: ClusterAuth, opts: ServerOptions,
+                *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen and serve forever; ``task_status.started`` gets the bound port."""
+
+    async def on_conn(stream: trio.SocketStream) -> None:
+        try:
+            stream.setsockopt(6, 1, 1)
+        except OSError:
+            pass
+        await serve_connection(stream, handler, auth, opts)
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, on_conn, listeners)
+        task_status.started(bound)
+
+
+@asynccontextmanager
+async def single_channel(address: str, auth: ClusterAuth, timeout_s: float = 5.0) -> AsyncIterator[Channel]:
+    """A pool with one channel, for one-shot tools."""
+    async with ChannelPool(auth, connect_timeout_s=timeout_s) as pool:
+        yield await pool.get(address)

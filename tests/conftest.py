@@ -1,0 +1,49 @@
+"""Fixtures shared by every tier: databases on both engines.
+
+``pg_admin_url`` is a real PostgreSQL server for the whole session (a throwaway one
+unless APPENDFS_TEST_PG names one); ``pg_url`` is a fresh database on it per test;
+``sqlite_url`` a fresh SQLite file; ``meta_url`` runs a test once on each engine.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from pgserver import ThrowawayPostgres, create_database, drop_database, postgres_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[tuple[str, ThrowawayPostgres | None]]:
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(pg_server: tuple[str, ThrowawayPostgres | None]) -> str:
+    return pg_server[0]
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    url = create_database(pg_admin_url)
+    yield url
+    drop_database(pg_admin_url, url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/meta.db"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def meta_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/meta.db"
+    else:
+        yield request.getfixturevalue("pg_url")
