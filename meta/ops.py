@@ -1,0 +1,609 @@
+"""Namespace transactions: each public function here is the body of ONE transaction.
+
+They take a connection already inside a transaction (see :mod:`appendfs.meta.txn`), read
+and write the tables of :mod:`appendfs.meta.schema`, and raise
+:class:`~appendfs.meta.errors.FsError` for POSIX errors (the runner then rolls back, so a
+failed call changes nothing) or :class:`~appendfs.meta.txn.Retry` when a conditional
+update finds the row changed (the runner reruns the whole function).
+
+Locking rules (PostgreSQL; SQLite serializes writers so the clauses are no-ops there):
+
+* Inode rows are locked ``FOR UPDATE`` in ascending ``ino`` order, by one statement
+  ``... WHERE ino IN (...) ORDER BY ino FOR UPDATE`` (PostgreSQL locks in output order).
+  Entries are read first without locks, then re-verified under the locks; a change in
+  between raises Retry.
+* A create only takes ``FOR KEY SHARE`` on its parent: concurrent creates in one
+  directory do not conflict, while rmdir (``FOR UPDATE`` on the directory) waits for them
+  and they fail with ENOENT after it. The parent's mtime is rewritten only when older
+  than ``dir_mtime_granularity_ns`` (a ``NO KEY UPDATE`` lock, which KEY SHARE allows).
+* A cross-directory move of a directory first locks the ``rename_lock`` counter row, so
+  its cycle check walks a tree no other directory move can change.
+* Every inode update matches ``(ino, gen)`` and sets ``gen = gen + 1``; a rowcount other
+  than 1 raises Retry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from appendfs.meta import schema
+from appendfs.meta.errors import FsError
+from appendfs.meta.txn import Retry
+from appendfs.meta.types import Attr, DirEntry, StatFs
+
+I = schema.inode  # noqa: E741 - the table names read best short
+D = schema.dentry
+S = schema.slice_
+X = schema.xattr
+
+NAME_MAX = 255
+PATH_MAX = 4096
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+#: renameat2 flags (linux/fs.h).
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+#: setxattr flags (linux/xattr.h), same values as os.XATTR_CREATE / os.XATTR_REPLACE.
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+#: Deeper than this, an ancestor walk means the tree is corrupt (cycle).
+MAX_DEPTH = 100_000
+
+_ATTR_COLS = [I.c.ino, I.c.kind, I.c.mode, I.c.uid, I.c.gid, I.c.nlink, I.c.size, I.c.atime_ns,
+              I.c.mtime_ns, I.c.ctime_ns, I.c.rdev, I.c.parent, I.c.gen, I.c.slice_seq]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def to_bytes(name: bytes | str) -> bytes:
+    return os.fsencode(name) if isinstance(name, str) else bytes(name)
+
+
+def check_name(name: bytes | str) -> bytes:
+    """A valid directory entry name, or FsError (EINVAL / ENAMETOOLONG)."""
+    raw = to_bytes(name)
+    if b"/" in raw or b"\0" in raw:
+        raise FsError(errno.EINVAL, f"name {raw[:64]!r} contains '/' or NUL")
+    if raw in (b"", b".", b".."):
+        raise FsError(errno.EINVAL, f"name {raw!r} is not a valid entry name")
+    if len(raw) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG, f"name of {len(raw)} bytes (max {NAME_MAX})")
+    return raw
+
+
+def row_attr(row: Any) -> Attr:
+    return Attr(row.ino, row.kind, row.mode, row.uid, row.gid, row.nlink, row.size, row.atime_ns,
+                row.mtime_ns, row.ctime_ns, row.rdev, row.parent, row.gen, row.slice_seq)
+
+
+def get_attr(conn: sa.Connection, ino: int, lock: str | None = None) -> Attr | None:
+    """Read one inode, optionally locking it.
+
+    ``lock``: "key_share" (we only need it to keep existing: creates in a directory),
+    "write" (FOR NO KEY UPDATE: we update it; creates inside it may go on) or "delete"
+    (FOR UPDATE: we may delete it; blocks creates inside it and opens of it).
+    """
+    q = sa.select(*_ATTR_COLS).where(I.c.ino == ino)
+    if lock == "key_share":
+        q = q.with_for_update(read=True, key_share=True)
+    elif lock == "write":
+        q = q.with_for_update(key_share=True)
+    elif lock == "delete":
+        q = q.with_for_update()
+    row = conn.execute(q).first()
+    return None if row is None else row_attr(row)
+
+
+def lock_inodes(conn: sa.Connection, inos: Iterable[int], delete: Iterable[int] = ()) -> dict[int, Attr]:
+    """Lock the existing rows among ``inos`` in ascending order; return them.
+
+    Rows in ``delete`` are locked FOR UPDATE (we may delete them), others FOR NO KEY UPDATE.
+    """
+    strong = set(delete)
+    out: dict[int, Attr] = {}
+    for ino in sorted(set(inos)):
+        a = get_attr(conn, ino, lock="delete" if ino in strong else "write")
+        if a is not None:
+            out[ino] = a
+    return out
+
+
+def update_inode(conn: sa.Connection, a: Attr, **values: Any) -> Attr:
+    """Full-identity update of one inode: matches (ino, gen), bumps gen, checks rowcount."""
+    values["gen"] = a.gen + 1
+    res = conn.execute(sa.update(I).where(I.c.ino == a.ino, I.c.gen == a.gen).values(**values))
+    if res.rowcount != 1:
+        raise Retry(f"inode {a.ino} changed under us")
+    return dataclasses.replace(a, **values)
+
+
+def insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> int:
+    """INSERT ... ON CONFLICT DO NOTHING; returns the number of rows inserted (0 or 1)."""
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    # RETURNING, not rowcount: psycopg reports -1 for INSERT ... ON CONFLICT DO NOTHING.
+    col = next(iter(table.primary_key.columns))
+    stmt = dialect_insert(table).values(**values).on_conflict_do_nothing().returning(col)
+    return 0 if conn.execute(stmt).first() is None else 1
+
+
+def get_dentry(conn: sa.Connection, parent: int, name: bytes) -> tuple[int, int] | None:
+    row = conn.execute(sa.select(D.c.ino, D.c.kind).where(D.c.parent == parent, D.c.name == name)).first()
+    return None if row is None else (row.ino, row.kind)
+
+
+def require_dir(conn: sa.Connection, ino: int, a: Attr | None = None) -> Attr:
+    """The attributes of directory ``ino``, or ENOENT / ENOTDIR."""
+    if a is None:
+        a = get_attr(conn, ino)
+    if a is None:
+        raise FsError(errno.ENOENT, f"directory inode {ino} does not exist")
+    if not a.is_dir:
+        raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
+    return a
+
+
+def missing_entry(conn: sa.Connection, parent: int, name: bytes) -> FsError:
+    """The error for a name not found in ``parent`` (ENOTDIR when parent is no directory)."""
+    require_dir(conn, parent)
+    return FsError(errno.ENOENT, f"no entry {name[:64]!r} in directory {parent}")
+
+
+def dir_is_empty(conn: sa.Connection, ino: int) -> bool:
+    return conn.execute(sa.select(D.c.name).where(D.c.parent == ino).limit(1)).first() is None
+
+
+def touch_dir(conn: sa.Connection, parent: int, now: int, granularity_ns: int) -> None:
+    """Set a directory's mtime/ctime to now unless it is already newer than the granularity."""
+    q = sa.update(I).where(I.c.ino == parent)
+    if granularity_ns > 0:
+        q = q.where(I.c.mtime_ns < now - granularity_ns)
+    conn.execute(q.values(mtime_ns=now, ctime_ns=now, gen=I.c.gen + 1))
+
+
+def is_open(conn: sa.Connection, ino: int) -> bool:
+    t = schema.sustained
+    return conn.execute(sa.select(t.c.sid).where(t.c.ino == ino).limit(1)).first() is not None
+
+
+def destroy_inode(conn: sa.Connection, a: Attr, now: int) -> None:
+    """Remove an inode nobody names or holds open; a file's slices go to the delete queue."""
+    conn.execute(sa.delete(X).where(X.c.ino == a.ino))
+    if a.kind == stat.S_IFLNK:
+        conn.execute(sa.delete(schema.symlink).where(schema.symlink.c.ino == a.ino))
+    if a.kind == stat.S_IFREG:
+        conn.execute(schema.delfile.insert().values(ino=a.ino, size=a.size, queued_ns=now))
+    res = conn.execute(sa.delete(I).where(I.c.ino == a.ino, I.c.gen == a.gen))
+    if res.rowcount != 1:
+        raise Retry(f"inode {a.ino} changed under us")
+
+
+def drop_link(conn: sa.Connection, a: Attr, now: int) -> None:
+    """A non-directory lost one dentry (already deleted): decrement nlink, maybe destroy."""
+    if a.nlink > 1:
+        update_inode(conn, a, nlink=a.nlink - 1, ctime_ns=now)
+    elif is_open(conn, a.ino):
+        update_inode(conn, a, nlink=0, ctime_ns=now)
+    else:
+        destroy_inode(conn, a, now)
+
+
+def delete_dentry(conn: sa.Connection, parent: int, name: bytes, ino: int) -> None:
+    res = conn.execute(sa.delete(D).where(D.c.parent == parent, D.c.name == name, D.c.ino == ino))
+    if res.rowcount != 1:
+        raise Retry(f"entry {name!r} in {parent} changed under us")
+
+
+def point_dentry(conn: sa.Connection, parent: int, name: bytes, old_ino: int, new: Attr) -> None:
+    res = conn.execute(sa.update(D).where(D.c.parent == parent, D.c.name == name, D.c.ino == old_ino)
+                       .values(ino=new.ino, kind=new.kind))
+    if res.rowcount != 1:
+        raise Retry(f"entry {name!r} in {parent} changed under us")
+
+
+# --- reads ---------------------------------------------------------------------------------
+
+
+def getattr_(conn: sa.Connection, ino: int) -> Attr:
+    a = get_attr(conn, ino)
+    if a is None:
+        raise FsError(errno.ENOENT, f"inode {ino} does not exist")
+    return a
+
+
+def lookup(conn: sa.Connection, parent: int, name: bytes) -> Attr:
+    q = sa.select(*_ATTR_COLS).select_from(D.join(I, I.c.ino == D.c.ino)).where(
+        D.c.parent == parent, D.c.name == name)
+    row = conn.execute(q).first()
+    if row is None:
+        raise missing_entry(conn, parent, name)
+    return row_attr(row)
+
+
+def readlink(conn: sa.Connection, ino: int) -> bytes:
+    t = schema.symlink
+    row = conn.execute(sa.select(t.c.target).where(t.c.ino == ino)).first()
+    if row is None:
+        a = getattr_(conn, ino)
+        raise FsError(errno.EINVAL, f"inode {a.ino} is not a symlink")
+    return bytes(row.target)
+
+
+def readdir(conn: sa.Connection, ino: int, after: bytes | None, limit: int, plus: bool) -> list[DirEntry]:
+    if plus:
+        q = sa.select(D.c.name, D.c.kind, *_ATTR_COLS).select_from(D.join(I, I.c.ino == D.c.ino))
+    else:
+        q = sa.select(D.c.name, D.c.ino, D.c.kind)
+    q = q.where(D.c.parent == ino)
+    if after is not None:
+        q = q.where(D.c.name > after)
+    rows = conn.execute(q.order_by(D.c.name).limit(limit)).all()
+    if not rows:
+        require_dir(conn, ino)
+    return [DirEntry(bytes(r.name), r.ino, r.kind, row_attr(r) if plus else None) for r in rows]
+
+
+def statfs(conn: sa.Connection) -> StatFs:
+    inodes, used = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(I.c.size), 0))).one()
+    dt = schema.delfile
+    pending = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(dt.c.size), 0))).scalar_one()
+    return StatFs(int(inodes), int(used), int(pending))
+
+
+def resolve_path(conn: sa.Connection, path: bytes, root: int, follow_last: bool) -> Attr:
+    """Walk ``path`` (relative to ``root``; '/'-separated) following symlinks (ELOOP > 40)."""
+    parts = [p for p in path.split(b"/") if p]
+    cur = getattr_(conn, root)
+    hops = 0
+    stack: list[Attr] = []
+    while parts:
+        part = parts.pop(0)
+        if part == b".":
+            continue
+        if not cur.is_dir:
+            raise FsError(errno.ENOTDIR, f"{path[:200]!r}: a component is not a directory")
+        if part == b"..":
+            cur = stack.pop() if stack else cur
+            continue
+        nxt = lookup(conn, cur.ino, check_name(part))
+        if nxt.kind == stat.S_IFLNK and (parts or follow_last):
+            hops += 1
+            if hops > 40:
+                raise FsError(errno.ELOOP, f"{path[:200]!r}: too many levels of symbolic links")
+            target = readlink(conn, nxt.ino)
+            parts = [p for p in target.split(b"/") if p] + parts
+            if target.startswith(b"/"):
+                cur, stack = getattr_(conn, root), []
+            continue
+        stack.append(cur)
+        cur = nxt
+    return cur
+
+
+# --- creation ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NewInode:
+    ino: int
+    kind: int
+    mode: int
+    uid: int
+    gid: int
+    rdev: int = 0
+    target: bytes | None = None
+
+
+def make(conn: sa.Connection, parent: int, name: bytes, new: NewInode, now: int, granularity_ns: int) -> Attr:
+    """mknod/create/mkdir/symlink: one new inode and its entry in ``parent``."""
+    p = get_attr(conn, parent, lock="key_share")
+    require_dir(conn, parent, p)
+    is_dir = new.kind == stat.S_IFDIR
+    size = len(new.target) if new.target is not None else 0
+    a = Attr(new.ino, new.kind, new.mode & 0o7777, new.uid, new.gid, 2 if is_dir else 1, size,
+             now, now, now, new.rdev, parent if is_dir else 0, 0, 0)
+    conn.execute(I.insert().values(**dataclasses.asdict(a)))
+    if not insert_ignore(conn, D, {"parent": parent, "name": name, "ino": a.ino, "kind": a.kind}):
+        raise FsError(errno.EEXIST, f"{name[:64]!r} exists in directory {parent}")
+    if new.target is not None:
+        conn.execute(schema.symlink.insert().values(ino=a.ino, target=new.target))
+    if is_dir:
+        # nlink + 1 for the new '..'; a relative update so concurrent mkdirs just queue.
+        conn.execute(sa.update(I).where(I.c.ino == parent).values(
+            nlink=I.c.nlink + 1, mtime_ns=now, ctime_ns=now, gen=I.c.gen + 1))
+    else:
+        touch_dir(conn, parent, now, granularity_ns)
+    return a
+
+
+def link(conn: sa.Connection, ino: int, parent: int, name: bytes, now: int) -> Attr:
+    locked = lock_inodes(conn, (ino, parent))
+    a = locked.get(ino)
+    if a is None or a.nlink == 0:
+        raise FsError(errno.ENOENT, f"inode {ino} does not exist")
+    if a.is_dir:
+        raise FsError(errno.EPERM, "hard links to directories are not allowed")
+    require_dir(conn, parent, locked.get(parent))
+    if not insert_ignore(conn, D, {"parent": parent, "name": name, "ino": ino, "kind": a.kind}):
+        raise FsError(errno.EEXIST, f"{name[:64]!r} exists in directory {parent}")
+    a = update_inode(conn, a, nlink=a.nlink + 1, ctime_ns=now)
+    update_inode(conn, locked[parent], mtime_ns=now, ctime_ns=now)
+    return a
+
+
+# --- removal -------------------------------------------------------------------------------
+
+
+def unlink(conn: sa.Connection, parent: int, name: bytes, now: int, granularity_ns: int) -> None:
+    found = get_dentry(conn, parent, name)
+    if found is None:
+        raise missing_entry(conn, parent, name)
+    ino, kind = found
+    if kind == stat.S_IFDIR:
+        raise FsError(errno.EISDIR, f"{name[:64]!r} is a directory (use rmdir)")
+    p = get_attr(conn, parent)
+    touch = p is not None and (granularity_ns == 0 or p.mtime_ns < now - granularity_ns)
+    locked = lock_inodes(conn, (ino, parent) if touch else (ino,), delete=(ino,))
+    a = locked.get(ino)
+    if a is None:
+        raise Retry("inode vanished before we locked it")
+    delete_dentry(conn, parent, name, ino)
+    drop_link(conn, a, now)
+    if touch and parent in locked:
+        update_inode(conn, locked[parent], mtime_ns=now, ctime_ns=now)
+
+
+def rmdir(conn: sa.Connection, parent: int, name: bytes, now: int) -> None:
+    found = get_dentry(conn, parent, name)
+    if found is None:
+        raise missing_entry(conn, parent, name)
+    ino, kind = found
+    if kind != stat.S_IFDIR:
+        raise FsError(errno.ENOTDIR, f"{name[:64]!r} is not a directory")
+    locked = lock_inodes(conn, (ino, parent), delete=(ino,))
+    if ino not in locked or parent not in locked:
+        raise Retry("directory vanished before we locked it")
+    if not dir_is_empty(conn, ino):
+        raise FsError(errno.ENOTEMPTY, f"directory {name[:64]!r} is not empty")
+    delete_dentry(conn, parent, name, ino)
+    destroy_inode(conn, locked[ino], now)
+    p = locked[parent]
+    update_inode(conn, p, nlink=p.nlink - 1, mtime_ns=now, ctime_ns=now)
+
+
+# --- rename --------------------------------------------------------------------------------
+
+
+def is_ancestor(conn: sa.Connection, anc: int, ino: int) -> bool:
+    """True when directory ``anc`` is ``ino`` or one of its ancestors."""
+    cur = ino
+    for _ in range(MAX_DEPTH):
+        if cur == anc:
+            return True
+        if cur == schema.ROOT_INO:
+            return False
+        nxt = conn.execute(sa.select(I.c.parent).where(I.c.ino == cur)).scalar_one_or_none()
+        if nxt is None:
+            raise Retry(f"ancestor {cur} vanished during the walk")
+        cur = nxt
+    raise FsError(errno.ELOOP, "directory tree deeper than MAX_DEPTH (corrupt?)")
+
+
+@dataclasses.dataclass
+class _Rename:
+    sp: int
+    sn: bytes
+    dp: int
+    dn: bytes
+    flags: int
+    src: tuple[int, int]
+    dst: tuple[int, int] | None
+
+
+def _rename_checks(r: _Rename) -> bool:
+    """Flag checks that need no locks; False when the rename is a successful no-op."""
+    if r.flags & RENAME_EXCHANGE and r.dst is None:
+        raise FsError(errno.ENOENT, f"RENAME_EXCHANGE: no entry {r.dn[:64]!r} in {r.dp}")
+    if r.dst is not None and r.flags & RENAME_NOREPLACE:
+        raise FsError(errno.EEXIST, f"RENAME_NOREPLACE: {r.dn[:64]!r} exists in {r.dp}")
+    if (r.sp, r.sn) == (r.dp, r.dn):
+        return False
+    # POSIX: renaming onto another link of the same file does nothing.
+    return not (r.dst is not None and r.dst[0] == r.src[0])
+
+
+def rename(conn: sa.Connection, sp: int, sn: bytes, dp: int, dn: bytes, flags: int, now: int) -> None:
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        raise FsError(errno.EINVAL, f"bad rename flags {flags:#x}")
+    src = get_dentry(conn, sp, sn)
+    if src is None:
+        raise missing_entry(conn, sp, sn)
+    require_dir(conn, dp)
+    r = _Rename(sp, sn, dp, dn, flags, src, get_dentry(conn, dp, dn))
+    if not _rename_checks(r):
+        return
+    moves_dir = sp != dp and (src[1] == stat.S_IFDIR or (
+        flags & RENAME_EXCHANGE and r.dst is not None and r.dst[1] == stat.S_IFDIR))
+    if moves_dir:
+        c = schema.counter
+        conn.execute(sa.select(c.c.value).where(c.c.name == schema.RENAME_LOCK).with_for_update()).one()
+    inos = {sp, dp, src[0]} | ({r.dst[0]} if r.dst else set())
+    locked = lock_inodes(conn, inos, delete=(r.dst[0],) if r.dst and not flags & RENAME_EXCHANGE else ())
+    if get_dentry(conn, sp, sn) != src or get_dentry(conn, dp, dn) != r.dst or not inos <= locked.keys():
+        raise Retry("entries changed before we locked them")
+    if moves_dir:
+        if src[1] == stat.S_IFDIR and is_ancestor(conn, src[0], dp):
+            raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
+        if r.dst is not None and flags & RENAME_EXCHANGE and r.dst[1] == stat.S_IFDIR and is_ancestor(conn, r.dst[0], sp):
+            raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
+    if flags & RENAME_EXCHANGE:
+        assert r.dst is not None
+        _exchange(conn, r, locked, now)
+    else:
+        _move(conn, r, locked, now)
+
+
+def _parents_update(conn: sa.Connection, locked: dict[int, Attr], deltas: dict[int, int], now: int) -> None:
+    for ino, delta in sorted(deltas.items()):
+        p = locked[ino]
+        update_inode(conn, p, nlink=p.nlink + delta, mtime_ns=now, ctime_ns=now)
+
+
+def _move(conn: sa.Connection, r: _Rename, locked: dict[int, Attr], now: int) -> None:
+    a = locked[r.src[0]]
+    deltas = {r.sp: 0, r.dp: 0}
+    if r.dst is not None:
+        b = locked[r.dst[0]]
+        if a.is_dir and not b.is_dir:
+            raise FsError(errno.ENOTDIR, f"cannot replace non-directory {r.dn[:64]!r} by a directory")
+        if b.is_dir and not a.is_dir:
+            raise FsError(errno.EISDIR, f"cannot replace directory {r.dn[:64]!r} by a non-directory")
+        if b.is_dir and not dir_is_empty(conn, b.ino):
+            raise FsError(errno.ENOTEMPTY, f"directory {r.dn[:64]!r} is not empty")
+        delete_dentry(conn, r.sp, r.sn, a.ino)
+        point_dentry(conn, r.dp, r.dn, b.ino, a)
+        if b.is_dir:
+            destroy_inode(conn, b, now)
+            deltas[r.dp] -= 1
+        else:
+            drop_link(conn, b, now)
+    else:
+        delete_dentry(conn, r.sp, r.sn, a.ino)
+        conn.execute(D.insert().values(parent=r.dp, name=r.dn, ino=a.ino, kind=a.kind))
+    if a.is_dir and r.sp != r.dp:
+        deltas[r.sp] -= 1
+        deltas[r.dp] += 1
+        update_inode(conn, a, parent=r.dp, ctime_ns=now)
+    else:
+        update_inode(conn, a, ctime_ns=now)
+    _parents_update(conn, locked, deltas, now)
+
+
+def _exchange(conn: sa.Connection, r: _Rename, locked: dict[int, Attr], now: int) -> None:
+    assert r.dst is not None
+    a, b = locked[r.src[0]], locked[r.dst[0]]
+    point_dentry(conn, r.sp, r.sn, a.ino, b)
+    point_dentry(conn, r.dp, r.dn, b.ino, a)
+    deltas = {r.sp: 0, r.dp: 0}
+    if r.sp != r.dp:
+        if a.is_dir:
+            deltas[r.sp] -= 1
+            deltas[r.dp] += 1
+        if b.is_dir:
+            deltas[r.dp] -= 1
+            deltas[r.sp] += 1
+    update_inode(conn, a, parent=r.dp if a.is_dir else 0, ctime_ns=now)
+    update_inode(conn, b, parent=r.sp if b.is_dir else 0, ctime_ns=now)
+    _parents_update(conn, locked, deltas, now)
+
+
+# --- attributes ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SetAttr:
+    """Fields to change; None leaves a field alone."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+
+
+def truncate_slices(conn: sa.Connection, ino: int, new_size: int) -> None:
+    """Delete slices past ``new_size`` and shorten those that cross it."""
+    conn.execute(sa.delete(S).where(S.c.ino == ino, S.c.file_off >= new_size))
+    conn.execute(sa.update(S).where(S.c.ino == ino, S.c.file_off < new_size,
+                                    S.c.file_off + S.c.length > new_size)
+                 .values(length=new_size - S.c.file_off))
+
+
+def setattr_(conn: sa.Connection, ino: int, ch: SetAttr, now: int) -> Attr:
+    a = get_attr(conn, ino, lock="write")
+    if a is None:
+        raise FsError(errno.ENOENT, f"inode {ino} does not exist")
+    values: dict[str, Any] = {"ctime_ns": now if ch.ctime_ns is None else ch.ctime_ns}
+    if ch.size is not None:
+        if a.is_dir:
+            raise FsError(errno.EISDIR, f"inode {ino} is a directory")
+        if a.kind != stat.S_IFREG or ch.size < 0:
+            raise FsError(errno.EINVAL, f"cannot truncate inode {ino} to {ch.size}")
+        if ch.size < a.size:
+            truncate_slices(conn, ino, ch.size)
+        if ch.size != a.size:
+            values["mtime_ns"] = now
+        values["size"] = ch.size
+    if ch.mode is not None:
+        values["mode"] = ch.mode & 0o7777
+    for field in ("uid", "gid", "atime_ns", "mtime_ns"):
+        value = getattr(ch, field)
+        if value is not None:
+            values[field] = value
+    return update_inode(conn, a, **values)
+
+
+# --- xattrs --------------------------------------------------------------------------------
+
+
+def check_xattr_name(name: bytes | str) -> bytes:
+    raw = to_bytes(name)
+    if not raw or b"\0" in raw:
+        raise FsError(errno.EINVAL, "empty xattr name or NUL in it")
+    if len(raw) > XATTR_NAME_MAX:
+        raise FsError(errno.ERANGE, f"xattr name of {len(raw)} bytes (max {XATTR_NAME_MAX})")
+    return raw
+
+
+def getxattr(conn: sa.Connection, ino: int, name: bytes) -> bytes:
+    row = conn.execute(sa.select(X.c.value).where(X.c.ino == ino, X.c.name == name)).first()
+    if row is None:
+        getattr_(conn, ino)
+        raise FsError(errno.ENODATA, f"inode {ino} has no xattr {name[:64]!r}")
+    return bytes(row.value)
+
+
+def listxattr(conn: sa.Connection, ino: int) -> list[bytes]:
+    getattr_(conn, ino)
+    return [bytes(n) for n in conn.execute(sa.select(X.c.name).where(X.c.ino == ino).order_by(X.c.name)).scalars()]
+
+
+def setxattr(conn: sa.Connection, ino: int, name: bytes, value: bytes, flags: int, now: int) -> None:
+    if len(value) > XATTR_SIZE_MAX:
+        raise FsError(errno.E2BIG, f"xattr value of {len(value)} bytes (max {XATTR_SIZE_MAX})")
+    if flags & ~(XATTR_CREATE | XATTR_REPLACE) or flags == XATTR_CREATE | XATTR_REPLACE:
+        raise FsError(errno.EINVAL, f"bad setxattr flags {flags:#x}")
+    a = get_attr(conn, ino, lock="write")
+    if a is None:
+        raise FsError(errno.ENOENT, f"inode {ino} does not exist")
+    res = conn.execute(sa.update(X).where(X.c.ino == ino, X.c.name == name).values(value=value))
+    if res.rowcount == 1 and flags & XATTR_CREATE:
+        raise FsError(errno.EEXIST, f"xattr {name[:64]!r} exists")
+    if res.rowcount == 0:
+        if flags & XATTR_REPLACE:
+            raise FsError(errno.ENODATA, f"inode {ino} has no xattr {name[:64]!r}")
+        conn.execute(X.insert().values(ino=ino, name=name, value=value))
+    update_inode(conn, a, ctime_ns=now)
+
+
+def removexattr(conn: sa.Connection, ino: int, name: bytes, now: int) -> None:
+    a = get_attr(conn, ino, lock="write")
+    if a is None:
+        raise FsError(errno.ENOENT, f"inode {ino} does not exist")
+    if conn.execute(sa.delete(X).where(X.c.ino == ino, X.c.name == name)).rowcount != 1:
+        raise FsError(errno.ENODATA, f"inode {ino} has no xattr {name[:64]!r}")
+    update_inode(conn, a, ctime_ns=now)
+
+
+def sorted_unique(values: Sequence[int]) -> list[int]:
+    return sorted(set(values))

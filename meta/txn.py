@@ -1,0 +1,166 @@
+"""Transactions for the namespace: bounded retries, error translation, id batches.
+
+Every namespace operation is one function ``fn(conn) -> result`` run by
+:meth:`Runner.run` in exactly one database transaction. The runner
+
+* retries the whole function on SQLSTATE 40001/40P01 and a busy SQLite — decided by
+  :func:`appendfs.db.is_retryable`, never by message text — with capped, jittered
+  exponential backoff, at most ``MetaConfig.max_attempts`` times;
+* retries while the database is unreachable (:func:`appendfs.db.is_unreachable`) until
+  ``MetaConfig.unreachable_timeout_s`` has passed, then raises
+  :class:`~appendfs.meta.errors.MetaUnavailable`. A connection lost *during COMMIT* is not
+  retried (the change may be durable already): it raises
+  :class:`~appendfs.meta.errors.CommitOutcomeUnknown`;
+* on SQLite, holds one writer lock per database file per process for the whole
+  transaction, so threads queue in Python rather than in SQLite's sleeping busy handler
+  (other processes still queue on ``BEGIN IMMEDIATE`` and the busy timeout).
+
+Thread safety: a Runner and an IdAllocator may be shared by any number of threads; each
+``run`` checks a connection out of the engine's pool for its own use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from appendfs.db import is_retryable, is_sqlite, is_unreachable
+from appendfs.meta import schema
+from appendfs.meta.errors import CommitOutcomeUnknown, MetaUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    """Tunables of the namespace client; every default is the durable, safe choice."""
+
+    #: Attempts of one transaction that fails with serialization failure / deadlock / busy.
+    max_attempts: int = 30
+    #: First backoff after a retryable failure; doubles per attempt up to backoff_max_s.
+    backoff_initial_s: float = 0.002
+    backoff_max_s: float = 0.25
+    #: How long one call keeps retrying while the database is unreachable.
+    unreachable_timeout_s: float = 15.0
+    #: Inode numbers taken from the counter row per round trip.
+    ino_batch: int = 1024
+    #: A directory's mtime/ctime is only rewritten by a create/unlink inside it when older
+    #: than this; 0 rewrites it every time. Avoids serializing concurrent creates in one
+    #: directory on its row lock (JuiceFS's skip-dir-mtime).
+    dir_mtime_granularity_ns: int = 100_000_000
+    #: Session heartbeat deadline: a session not heard from for this long is dead.
+    session_ttl_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.ino_batch < 1 or self.unreachable_timeout_s < 0:
+            raise ValueError(f"bad MetaConfig {self}")
+
+
+class Retry(Exception):
+    """Raised inside a transaction function: a conditional update lost a race; rerun it."""
+
+
+_SQLITE_LOCKS: dict[str, threading.Lock] = {}
+_SQLITE_LOCKS_GUARD = threading.Lock()
+
+
+def _sqlite_lock(engine: Engine) -> threading.Lock:
+    key = str(engine.url.database)
+    with _SQLITE_LOCKS_GUARD:
+        return _SQLITE_LOCKS.setdefault(key, threading.Lock())
+
+
+class Runner:
+    """Runs transaction functions with the retry and translation rules above."""
+
+    def __init__(self, engine: Engine, config: MetaConfig, *, writer: bool = True) -> None:
+        self.engine = engine
+        self.config = config
+        self.sqlite = is_sqlite(engine)
+        self._lock = _sqlite_lock(engine) if self.sqlite and writer else None
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[None]:
+        if self._lock is None:
+            yield
+        else:
+            with self._lock:
+                yield
+
+    def run(self, fn: Callable[[sa.Connection], T], what: str) -> T:
+        cfg = self.config
+        attempt = 0
+        deadline: float | None = None
+        while True:
+            attempt += 1
+            committing = False
+            try:
+                with self._writer(), self.engine.connect() as conn:
+                    with conn.begin():
+                        result = fn(conn)
+                        committing = True
+                    return result
+            except Retry:
+                if attempt >= cfg.max_attempts:
+                    raise MetaUnavailable(f"{what}: gave up after {attempt} conflicting attempts") from None
+            except sa.exc.DBAPIError as exc:
+                if committing and is_unreachable(exc):
+                    raise CommitOutcomeUnknown(
+                        f"{what}: lost the metadata database during COMMIT; the change may or "
+                        f"may not be applied ({type(exc.orig).__name__})") from exc
+                if is_retryable(exc):
+                    if attempt >= cfg.max_attempts:
+                        raise MetaUnavailable(f"{what}: gave up after {attempt} attempts "
+                                              f"(serialization failures / deadlocks)") from exc
+                elif is_unreachable(exc):
+                    now = time.monotonic()
+                    if deadline is None:
+                        deadline = now + cfg.unreachable_timeout_s
+                        log.warning("%s: metadata database unreachable, retrying: %s", what, exc.orig)
+                    if now >= deadline:
+                        raise MetaUnavailable(
+                            f"{what}: metadata database {self.engine.url.render_as_string()} "
+                            f"unreachable for {cfg.unreachable_timeout_s:g}s "
+                            f"({type(exc.orig).__name__}: {str(exc.orig).strip()[:200]})") from exc
+                else:
+                    raise
+            delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * (2 ** min(attempt, 16)))
+            time.sleep(delay * (0.5 + random.random() / 2))
+
+
+class IdAllocator:
+    """Hands out ids from a ``counter`` row in batches (one short transaction per batch)."""
+
+    def __init__(self, runner: Runner, name: str, batch: int) -> None:
+        self._runner = runner
+        self._name = name
+        self._batch = batch
+        self._lock = threading.Lock()
+        self._next = 0
+        self._end = 0
+
+    def _take(self, conn: sa.Connection) -> int:
+        c = schema.counter
+        row = conn.execute(
+            c.update().where(c.c.name == self._name).values(value=c.c.value + self._batch)
+            .returning(c.c.value)).one()
+        return int(row.value)
+
+    def next(self) -> int:
+        with self._lock:
+            if self._next >= self._end:
+                end = self._runner.run(self._take, f"allocate {self._name}")
+                self._next, self._end = end - self._batch, end
+            value = self._next
+            self._next += 1
+            return value

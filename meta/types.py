@@ -1,0 +1,74 @@
+"""Value types the namespace API returns (frozen dataclasses, safe to share across threads)."""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """The attributes of one inode (an ``inode`` row)."""
+
+    ino: int
+    kind: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int
+    parent: int
+    gen: int
+    slice_seq: int
+
+    @property
+    def st_mode(self) -> int:
+        return self.kind | self.mode
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """One readdir entry; ``attr`` is filled by readdir(plus=True)."""
+
+    name: bytes
+    ino: int
+    kind: int
+    attr: Attr | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatFs:
+    """Namespace usage. Capacity comes from the store; the file layer combines both."""
+
+    used_inodes: int
+    used_bytes: int
+    pending_delete_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectEntry:
+    """One key of an S3 listing (a regular file under the bucket directory)."""
+
+    key: bytes
+    ino: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListResult:
+    """One page of :meth:`appendfs.meta.Meta.list_subtree`."""
+
+    objects: list[ObjectEntry]
+    common_prefixes: list[bytes]
+    is_truncated: bool
+    #: Pass as ``start_after`` to get the next page (the last key or prefix returned).
+    next_start_after: bytes | None

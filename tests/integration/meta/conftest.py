@@ -1,0 +1,35 @@
+"""Fixtures for namespace tests: a formatted namespace on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from appendfs.db import make_engine
+from appendfs.meta import Meta, MetaConfig, create_schema
+
+
+def open_meta(url: str, **config: object) -> Meta:
+    engine = make_engine(url, pool_size=8)
+    create_schema(engine)
+    return Meta(engine, MetaConfig(**config))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def meta(meta_url: str) -> Iterator[Meta]:
+    """A fresh namespace; after the test its invariants must hold."""
+    m = open_meta(meta_url, dir_mtime_granularity_ns=0)
+    yield m
+    problems = m.check_invariants()
+    m.close()
+    assert problems == []
+
+
+@pytest.fixture
+def pg_meta(pg_url: str) -> Iterator[Meta]:
+    m = open_meta(pg_url)
+    yield m
+    problems = m.check_invariants()
+    m.close()
+    assert problems == []
