@@ -65,7 +65,12 @@ def _sqlite_engine(parsed: sa.engine.URL, busy_timeout_s: float, relaxed: bool) 
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers that asked for it (execution option appendfs_read_only=True) take a
+        # DEFERRED snapshot: in WAL mode they then never wait for or block the writer.
+        if conn.get_execution_options().get("appendfs_read_only"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -85,8 +90,11 @@ def is_retryable(exc: BaseException) -> bool:
     if sqlstate(exc) in RETRYABLE_SQLSTATES:
         return True
     orig = getattr(exc, "orig", None)
-    # sqlite3 reports a busy database as OperationalError with error code SQLITE_BUSY (5).
-    return getattr(orig, "sqlite_errorcode", None) in (5, 6)
+    # sqlite3 reports a busy database as OperationalError with error code SQLITE_BUSY (5) or
+    # SQLITE_LOCKED (6); the code may be an extended one (SQLITE_BUSY_SNAPSHOT = 517), whose
+    # low byte is the primary code.
+    code = getattr(orig, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (5, 6)
 
 
 def is_unreachable(exc: BaseException) -> bool:
