@@ -80,6 +80,8 @@ def _coerce(name: str, source: str, value: Any, typ: Any) -> Any:
         return _coerce(name, source, value, args[0])
     if origin is tuple:
         (item,) = {a for a in typing.get_args(typ) if a is not Ellipsis}
+        if not isinstance(value, str | list | tuple):
+            raise ConfigError(f"config {name} = {value!r} (from {source}): expected a list")
         items = value.split(",") if isinstance(value, str) else list(value)
         return tuple(_coerce(name, source, i.strip() if isinstance(i, str) else i, item) for i in items if i != "")
     try:
@@ -93,10 +95,12 @@ def _coerce(name: str, source: str, value: Any, typ: Any) -> Any:
                 return False
             raise ValueError(value)
         if typ is int:
-            if isinstance(value, bool):
+            if isinstance(value, bool | float):  # int(3.7) would silently drop the fraction
                 raise ValueError(value)
             return int(value) if not isinstance(value, str) else int(value.replace("_", ""), 0)
         if typ is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
             return float(value)
         if typ is Path:
             return Path(value)

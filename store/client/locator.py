@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from appendfs.store.errors import BadLocator
 
-_RE = re.compile(r"^afs1:(\d+):([0-9a-f]{16}):(\d+):((?:\d+@\d+\+\d+)(?:,\d+@\d+\+\d+)*)?$")
+# ASCII: \d would also match other scripts' digits, which int() accepts but str() never writes.
+_RE = re.compile(r"^afs1:(\d+):([0-9a-f]{16}):(\d+):((?:\d+@\d+\+\d+)(?:,\d+@\d+\+\d+)*)?$", re.ASCII)
 
 
 @dataclass(frozen=True)

@@ -247,8 +247,10 @@ class ExtentStore:
         first, count = start // BLOCK_BYTES, -(-(end - start) // BLOCK_BYTES)
         overlay = {**ext.flushing, **ext.pending}
         last = (end - 1) // BLOCK_BYTES if end > start else first
-        if end == limit and end % BLOCK_BYTES and not ext.sealed:
+        if end == limit == ext.length and end % BLOCK_BYTES and not ext.sealed:
             # The last block is still growing: vouch for it with the tail held in memory.
+            # Not while a later append is in flight (length > written): the tail then holds
+            # its bytes too, and the pending entries describe `written` exactly.
             overlay[last] = encode_entry(checksum(ext.tail[: end % BLOCK_BYTES]), end % BLOCK_BYTES)
 
         def work() -> tuple[bytes, bytes]:

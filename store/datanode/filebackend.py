@@ -80,13 +80,13 @@ class FileBackend(Backend):
 
     def write_data(self, extent_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         fd = self._fd(extent_id, "dat")
+        known = self._sizes.get(extent_id)
+        if known is None:  # first write since start: an overwrite must not count as growth
+            known = os.fstat(fd).st_size
         written = os.pwrite(fd, data, offset)
         if written != len(data):
             raise BackendError(f"short write on extent {extent_id:x}: {written} of {len(data)}")
         end = offset + len(data)
-        known = self._sizes.get(extent_id)
-        if known is None:
-            known = os.fstat(fd).st_size - (end - offset)  # size before this write, at worst
         with self._lock:
             if end > known:
                 self._used += end - known
@@ -177,7 +177,8 @@ class FileBackend(Backend):
         known = {p.stem for p in self.dir.glob("*.meta")}
         removed = 0
         for p in list(self.dir.glob("*.dat")) + list(self.dir.glob("*.sum")) + list(self.dir.glob("*.tmp")):
-            if p.stem.split(".")[0] not in known:
+            # A .tmp is never a record: left by a set_meta interrupted before its rename.
+            if p.suffix == ".tmp" or p.stem.split(".")[0] not in known:
                 p.unlink(missing_ok=True)
                 removed += 1
         self._used = sum(p.stat().st_size for p in self.dir.glob("*.dat"))

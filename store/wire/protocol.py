@@ -114,6 +114,14 @@ def _mac(secret: bytes, label: bytes, nonce_s: bytes, nonce_c: bytes) -> bytes:
     return hmac.new(secret, label + nonce_s + nonce_c, sha256).digest()
 
 
+def _mac_field(head: dict[str, Any]) -> bytes:
+    # Only bytes: bytes(int) would allocate that many zeros (or overflow) on a peer's say-so.
+    mac = head["mac"]
+    if not isinstance(mac, bytes):
+        raise ProtocolError("MAC is not a byte string")
+    return mac
+
+
 class _State(enum.Enum):
     START = 0  # server: HELLO not yet sent / client: waiting for HELLO
     AUTHING = 1  # server: waiting for AUTH / client: waiting for AUTHOK
@@ -245,7 +253,7 @@ class Connection:
             if kind is not Kind.AUTHOK:
                 raise ProtocolError(f"expected AUTHOK, got {kind.name}")
             expected = _mac(self._secret, b"appendfs-s", self._peer_nonce, self._nonce)
-            if not hmac.compare_digest(expected, bytes(head["mac"])):
+            if not hmac.compare_digest(expected, _mac_field(head)):
                 raise ProtocolError("server failed authentication: wrong cluster secret")
             self._state = _State.READY
             return Authenticated(peer_cluster_id=self.cluster_id)
@@ -274,7 +282,7 @@ class Connection:
             if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
                 raise ProtocolError("bad client nonce")
             expected = _mac(self._secret, b"appendfs-c", self._nonce, nonce)
-            if not hmac.compare_digest(expected, bytes(head["mac"])):
+            if not hmac.compare_digest(expected, _mac_field(head)):
                 raise ProtocolError("client failed authentication: wrong cluster secret")
             self._peer_nonce = nonce
             self._state = _State.READY
