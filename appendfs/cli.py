@@ -59,16 +59,29 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> None:
     trio.run(wrapper)
 
 
+def own_error(exc: BaseException) -> AppendfsError | None:
+    """The appendfs error behind ``exc``, looking inside trio's exception groups."""
+    if isinstance(exc, AppendfsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = own_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn appendfs's own errors into one clear line and the right exit status."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, VersionMismatch, ClusterMismatch, NotFormatted) as exc:
-            fail(str(exc), 2)
-        except AppendfsError as exc:
-            fail(str(exc), 1)
+        except BaseException as exc:
+            ours = own_error(exc)
+            if ours is None:
+                raise
+            fail(str(ours), 2 if isinstance(ours, (ConfigError, VersionMismatch, ClusterMismatch, NotFormatted)) else 1)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__

@@ -206,7 +206,7 @@ async def _handshake_client(address: str, auth: ClusterAuth, timeout_s: float,
                 await trio.aclose_forcefully(stream)
                 raise
     except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost, ProtocolError) as exc:
-        raise ConnectionLost(f"cannot connect to {address}: {exc or exc.__class__.__name__}") from None
+        raise ConnectionLost(f"cannot connect to {address}: {str(exc) or exc.__class__.__name__}") from None
     return stream, conn
 
 

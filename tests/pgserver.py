@@ -88,6 +88,8 @@ class ThrowawayPostgres:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if getattr(self, "log", None) is not None:
+            self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def pause(self) -> None:

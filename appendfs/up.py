@@ -1,0 +1,165 @@
+"""`appendfs up --data DIR`: a whole single-host cluster under one supervisor (DESIGN §7).
+
+Children: one MetaNode and three DataNodes on the embedded SQLite default
+(``sqlite:///DIR/meta.db``), each a separate process with its own log file under
+``DIR/logs/``. Ports are picked free at start and recorded, with pids and the META_URL,
+in ``DIR/run.json``. Children get SIGTERM when the supervisor stops (and die with it
+through PR_SET_PDEATHSIG if it is killed); a child that exits unexpectedly is restarted
+with backoff.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appendfs.errors import ConfigError
+
+DATANODES = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
+        log.close()
+        self.started_at = time.monotonic()
+
+
+def _appendfs() -> list[str]:
+    return [sys.executable, "-m", "appendfs"]
+
+
+def plan(data_dir: Path) -> tuple[str, list[Child], dict[str, object]]:
+    meta_url = f"sqlite:///{data_dir}/meta.db"
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    meta_port = _free_port()
+    children = [Child("metanode", [*_appendfs(), "metanode", "--meta", meta_url, "--listen", f"127.0.0.1:{meta_port}"],
+                      logs / "metanode.log")]
+    run: dict[str, object] = {"meta_url": meta_url, "metanode": f"127.0.0.1:{meta_port}", "datanodes": [],
+                              "secret_file": str(data_dir / "secret")}
+    for i in range(1, DATANODES + 1):
+        port = _free_port()
+        children.append(Child(f"datanode-{i}", [
+            *_appendfs(), "datanode", "--listen", f"127.0.0.1:{port}", "--data", str(data_dir / f"datanode-{i}"),
+            "--metanode", f"127.0.0.1:{meta_port}", "--secret-file", str(data_dir / "secret")], logs / f"datanode-{i}.log"))
+        run["datanodes"].append(f"127.0.0.1:{port}")  # type: ignore[attr-defined]
+    return meta_url, children, run
+
+
+def run_up(data_dir: Path) -> int:
+    from appendfs.format import format_cluster
+
+    data_dir = data_dir.resolve()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {data_dir}: {exc.strerror}") from None
+    meta_url, children, run = plan(data_dir)
+    res = format_cluster(meta_url, data_dir / "secret")
+    print(f"appendfs: {'formatted a new' if res.created else 'using the existing'} cluster {res.cluster_id} in {data_dir}",
+          flush=True)
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for child in children:
+        child.start()
+    run["pids"] = {c.name: c.proc.pid for c in children if c.proc}
+    run["supervisor_pid"] = os.getpid()
+    (data_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    _announce(meta_url, run, data_dir)
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for child in children:
+                assert child.proc is not None
+                code = child.proc.poll()
+                if code is None or stopping:
+                    continue
+                delay = min(30.0, 2.0 ** min(child.restarts, 5))
+                if time.monotonic() - child.started_at > 60:
+                    child.restarts, delay = 0, 1.0
+                print(f"appendfs: {child.name} exited with status {code}; restarting in {delay:.0f} s "
+                      f"(see {child.log_path})", file=sys.stderr, flush=True)
+                time.sleep(delay)
+                child.restarts += 1
+                child.start()
+    finally:
+        for child in reversed(children):
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + 10
+        for child in children:
+            if child.proc is not None:
+                try:
+                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+        print("appendfs: stopped", flush=True)
+    return 0
+
+
+def _announce(meta_url: str, run: dict[str, object], data_dir: Path) -> None:
+    from appendfs.tools import fetch_status
+
+    import trio
+
+    deadline = time.monotonic() + 30
+    alive = 0
+    while time.monotonic() < deadline:
+        try:
+            st = trio.run(fetch_status, meta_url)
+            alive = sum(1 for n in st["nodes"] if n["alive"])
+            if alive >= DATANODES:
+                break
+        except Exception:  # the cluster is still starting; the deadline bounds this
+            pass
+        time.sleep(0.3)
+    state = "up" if alive >= DATANODES else f"starting ({alive}/{DATANODES} DataNodes registered so far)"
+    print(f"""appendfs is {state}:
+  META_URL   {meta_url}
+  MetaNode   {run['metanode']}
+  DataNodes  {', '.join(run['datanodes'])}
+  logs       {data_dir}/logs/   ports and pids: {data_dir}/run.json
+try:
+  export APPENDFS_META={meta_url}
+  appendfs status
+  appendfs store put --redundancy rep:3 FILE      # prints a locator
+  appendfs store get LOCATOR > copy
+Ctrl-C stops everything.""", flush=True)

@@ -1,0 +1,183 @@
+"""Real clusters for tests: MetaNodes and DataNodes as separate processes on loopback.
+
+Every process is an `appendfs` subprocess with its own log file; tests kill them with
+SIGKILL and restart them. Timings are shortened (heartbeat 0.3 s, dead after 2 s, lease
+3 s) so failure handling happens within seconds; the code paths are the production ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+APPENDFS = [sys.executable, "-m", "appendfs"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 60.0, interval_s: float = 0.1) -> Any:
+    """Poll until ``predicate()`` is truthy; a generous deadline, never a wall-clock assert."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as f:
+            self.popen = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait()
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Cluster:
+    def __init__(self, root: Path, meta_url: str, *, extent_max_bytes: int = 8 << 20,
+                 env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.meta_url = meta_url
+        self.secret = root / "secret"
+        self.env = {**os.environ, "APPENDFS_METANODE_LEASE_TTL_S": "3", "APPENDFS_METANODE_DEAD_AFTER_S": "2",
+                    "APPENDFS_DATANODE_HEARTBEAT_INTERVAL_S": "0.3", "APPENDFS_METANODE_ELECTION_INTERVAL_S": "0.3",
+                    "APPENDFS_CLIENT_PLACEMENT_WAIT_S": "20", **(env or {})}
+        self.metanodes: list[Proc] = []
+        self.datanodes: list[Proc] = []
+        self.datanode_args: list[list[str]] = []
+        root.mkdir(parents=True, exist_ok=True)
+        self.run(["format", meta_url, "--secret-file", str(self.secret), "--extent-max-bytes", str(extent_max_bytes)])
+
+    def run(self, args: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*APPENDFS, *args], env=self.env, capture_output=True, check=kw.pop("check", True), **kw)
+
+    def popen(self, args: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*APPENDFS, *args], env=self.env, **kw)
+
+    @property
+    def metanode_addresses(self) -> str:
+        return ",".join(p.argv[p.argv.index("--listen") + 1] for p in self.metanodes)
+
+    def add_metanode(self) -> Proc:
+        port = free_port()
+        proc = Proc(f"metanode-{len(self.metanodes) + 1}",
+                    [*APPENDFS, "metanode", "--meta", self.meta_url, "--listen", f"127.0.0.1:{port}"],
+                    self.root / f"metanode-{len(self.metanodes) + 1}.log")
+        self.metanodes.append(proc)
+        proc.argv_env = self.env  # type: ignore[attr-defined]
+        self._start(proc)
+        return proc
+
+    def add_datanode(self, *extra: str, data: Path | None = None, secret: Path | None = None) -> Proc:
+        i = len(self.datanodes) + 1
+        port = free_port()
+        proc = Proc(f"datanode-{i}", [
+            *APPENDFS, "datanode", "--listen", f"127.0.0.1:{port}", "--data", str(data or self.root / f"dn{i}"),
+            "--metanode", self.metanode_addresses, "--secret-file", str(secret or self.secret), *extra],
+            self.root / f"datanode-{i}.log")
+        self.datanodes.append(proc)
+        self._start(proc)
+        return proc
+
+    def _start(self, proc: Proc) -> None:
+        with open(proc.log, "ab") as f:
+            proc.popen = subprocess.Popen(proc.argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          env=self.env)
+
+    def restart(self, proc: Proc) -> None:
+        proc.kill()
+        self._start(proc)
+
+    def status(self) -> dict[str, Any]:
+        out = self.run(["status", "--meta", self.meta_url, "--json"], timeout=60)
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    def alive_nodes(self) -> int:
+        try:
+            return sum(1 for n in self.status()["nodes"] if n["alive"])
+        except subprocess.CalledProcessError:
+            return 0
+
+    def wait_alive(self, count: int, timeout_s: float = 60) -> None:
+        wait_for(lambda: self.alive_nodes() == count, f"{count} alive DataNodes", timeout_s, 0.3)
+
+    def put(self, path: Path, redundancy: str = "rep:3") -> str:
+        out = self.run(["store", "put", "--meta", self.meta_url, "--redundancy", redundancy, str(path)], timeout=600)
+        return out.stdout.decode().strip().splitlines()[-1]
+
+    def get(self, locator: str, dest: Path) -> subprocess.CompletedProcess[bytes]:
+        with open(dest, "wb") as f:
+            return subprocess.run([*APPENDFS, "store", "get", "--meta", self.meta_url, locator], env=self.env,
+                                  stdout=f, stderr=subprocess.PIPE, check=False, timeout=600)
+
+    def stop(self) -> None:
+        for p in self.datanodes + self.metanodes:
+            p.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {p.name}\n{p.text()[-4000:]}" for p in self.metanodes + self.datanodes)
+
+
+def random_file(path: Path, size: int, seed: int) -> Path:
+    """A file of pseudo-random bytes (fixed seed: the same bytes every run)."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rng.randbytes(n))
+            left -= n
+    return path
+
+
+def files_equal(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
