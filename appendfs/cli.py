@@ -19,7 +19,13 @@ import click
 import trio
 
 from appendfs import __version__
-from appendfs.errors import AppendfsError, ClusterMismatch, ConfigError, NotFormatted, VersionMismatch
+from appendfs.errors import (
+    AppendfsError,
+    ClusterMismatch,
+    ConfigError,
+    NotFormatted,
+    VersionMismatch,
+)
 
 log = logging.getLogger("appendfs")
 meta_option = click.option("--meta", "meta_url", envvar="APPENDFS_META", required=True, metavar="META_URL",

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.engine import Engine
+
 from appendfs.db import make_engine
 from appendfs.store.identity import new_cluster, write_secret_file
 from appendfs.store.metanode import schema as cluster_schema
@@ -37,10 +39,8 @@ def format_cluster(meta_url: str, secret_file: Path, extent_max_bytes: int = 64 
         engine.dispose()
 
 
-def _namespace_schema(engine: object) -> None:
-    """Create the namespace schema when the meta package provides it."""
-    try:
-        from appendfs.meta import create_schema  # type: ignore[attr-defined]
-    except ImportError:
-        return
+def _namespace_schema(engine: Engine) -> None:
+    """Create the namespace schema (meta/) beside the cluster schema."""
+    from appendfs.meta import create_schema
+
     create_schema(engine)

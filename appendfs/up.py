@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from appendfs.errors import ConfigError
 
@@ -46,7 +47,7 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = 0.0
-    extra: dict[str, object] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
@@ -60,21 +61,21 @@ def _appendfs() -> list[str]:
     return [sys.executable, "-m", "appendfs"]
 
 
-def plan(data_dir: Path) -> tuple[str, list[Child], dict[str, object]]:
+def plan(data_dir: Path) -> tuple[str, list[Child], dict[str, Any]]:
     meta_url = f"sqlite:///{data_dir}/meta.db"
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     meta_port = _free_port()
     children = [Child("metanode", [*_appendfs(), "metanode", "--meta", meta_url, "--listen", f"127.0.0.1:{meta_port}"],
                       logs / "metanode.log")]
-    run: dict[str, object] = {"meta_url": meta_url, "metanode": f"127.0.0.1:{meta_port}", "datanodes": [],
+    run: dict[str, Any] = {"meta_url": meta_url, "metanode": f"127.0.0.1:{meta_port}", "datanodes": [],
                               "secret_file": str(data_dir / "secret")}
     for i in range(1, DATANODES + 1):
         port = _free_port()
         children.append(Child(f"datanode-{i}", [
             *_appendfs(), "datanode", "--listen", f"127.0.0.1:{port}", "--data", str(data_dir / f"datanode-{i}"),
             "--metanode", f"127.0.0.1:{meta_port}", "--secret-file", str(data_dir / "secret")], logs / f"datanode-{i}.log"))
-        run["datanodes"].append(f"127.0.0.1:{port}")  # type: ignore[attr-defined]
+        run["datanodes"].append(f"127.0.0.1:{port}")
     return meta_url, children, run
 
 
@@ -135,10 +136,10 @@ def run_up(data_dir: Path) -> int:
     return 0
 
 
-def _announce(meta_url: str, run: dict[str, object], data_dir: Path) -> None:
-    from appendfs.tools import fetch_status
-
+def _announce(meta_url: str, run: dict[str, Any], data_dir: Path) -> None:
     import trio
+
+    from appendfs.tools import fetch_status
 
     deadline = time.monotonic() + 30
     alive = 0

@@ -7,15 +7,21 @@ unless APPENDFS_TEST_PG names one); ``pg_url`` is a fresh database on it per tes
 
 from __future__ import annotations
 
-import sys
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, str(Path(__file__).parent))
+# Property tests are derandomized: the same examples every run, so CI is repeatable and a
+# failure found once is found again. HYPOTHESIS_PROFILE=explore searches with fresh seeds.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", deadline=None, max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-from pgserver import ThrowawayPostgres, create_database, drop_database, postgres_server  # noqa: E402
+from pgserver import ThrowawayPostgres, create_database, drop_database, postgres_server
 
 
 @pytest.fixture(scope="session")

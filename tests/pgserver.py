@@ -60,7 +60,7 @@ class ThrowawayPostgres:
                 "-c", "fsync=on", "-c", "synchronous_commit=on"]
         if self._as_root:
             argv = ["runuser", "-u", "postgres", "--", *argv]
-        self.log = open(os.path.join(self.dir, "postgres.log"), "wb")
+        self.log = open(os.path.join(self.dir, "postgres.log"), "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         url = self.admin_url
         deadline = time.monotonic() + 60

@@ -262,9 +262,10 @@ class LogStream:
                 if pending:
                     op = pending.popleft()
                 else:
-                    op = await self._next_op(ext)
-                    if op is None:
+                    nxt = await self._next_op(ext)
+                    if nxt is None:
                         break
+                    op = nxt
                 if ext.length + len(op.data) > self.extent_max_bytes:
                     pending.appendleft(op)
                     break

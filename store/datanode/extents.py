@@ -321,7 +321,7 @@ class ExtentStore:
                 "length": ext.written, "durable": ext.durable, "sealed_length": ext.meta.sealed_length,
                 "failed": ext.failed}
 
-    def list(self) -> list[dict[str, Any]]:
+    def all_extents(self) -> list[dict[str, Any]]:
         return [self.stat(i) for i in sorted(self._extents)]
 
     def recovering(self) -> list[tuple[int, int]]:

@@ -91,7 +91,7 @@ class DataNode:
             if req.op == "stat":
                 return self.store.stat(int(a["extent_id"])), b""
             if req.op == "list":
-                return {"extents": self.store.list()}, b""
+                return {"extents": self.store.all_extents()}, b""
             if req.op == "ping":
                 return {"node_id": self.ident.node_id, "usage": self._usage()}, b""
         except ExtentError as exc:

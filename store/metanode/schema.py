@@ -8,6 +8,8 @@ leader's memory. Table names avoid the namespace's (inode, dentry, slice, counte
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -148,7 +150,7 @@ def init_cluster(engine: Engine, cluster_id: str, secret: bytes, extent_max_byte
         return True
 
 
-def read_cluster(engine: Engine) -> sa.Row[tuple[str, bytes, int]]:
+def read_cluster(engine: Engine) -> Any:
     """(cluster_id, secret, extent_max_bytes) of a formatted database."""
     check_schema(engine)
     with engine.connect() as c:

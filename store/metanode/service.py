@@ -37,7 +37,16 @@ from appendfs.store.metanode import leader as leadership
 from appendfs.store.metanode.config import MetaNodeConfig
 from appendfs.store.metanode.schema import device, extent, node, replica, store_counter, stream
 from appendfs.store.placement import Candidate, PolicyError, choose, parse_policy
-from appendfs.store.rpc import ChannelPool, ClusterAuth, ConnectionLost, RpcError, ServerOptions, Started, parse_address, serve
+from appendfs.store.rpc import (
+    ChannelPool,
+    ClusterAuth,
+    ConnectionLost,
+    RpcError,
+    ServerOptions,
+    Started,
+    parse_address,
+    serve,
+)
 from appendfs.store.wire import Request
 
 log = logging.getLogger(__name__)
@@ -454,15 +463,19 @@ class MetaNode:
         # A new leader gives writers one lease period to find it before fencing anyone.
         await trio.sleep(self.cfg.lease_ttl_s)
         while True:
-            now = time.time_ns()
-            expired = await self._read(lambda c: [int(r.stream_id) for r in c.execute(
-                sa.select(stream.c.stream_id).where(stream.c.state == "open", stream.c.lease_expiry_ns < now))])
+            expired = await self._read(self._expired_streams)
             for stream_id in expired:
                 try:
                     await self._fence(stream_id)
                 except (RpcError, ConnectionLost) as exc:
                     log.warning("fencing stream %d failed, will retry: %s", stream_id, exc)
             await trio.sleep(1.0)
+
+    @staticmethod
+    def _expired_streams(c: Connection) -> list[int]:
+        now = time.time_ns()
+        rows = c.execute(sa.select(stream.c.stream_id).where(stream.c.state == "open", stream.c.lease_expiry_ns < now))
+        return [int(r.stream_id) for r in rows]
 
     async def _fence(self, stream_id: int) -> None:
         """The writer is gone: seal its open extent at the minimum over reachable replicas."""
@@ -566,8 +579,8 @@ class MetaNode:
         health: dict[int, tuple[int, int, int]] = {}  # extent → (width, good, readable)
         for r in raw["replicas"]:
             width = parse_policy(r.redundancy).width
-            good = r.state == "ok" and r.node_id in alive
-            readable = r.state in ("ok", "unsealed") and r.node_id in alive
+            good = int(r.state == "ok" and r.node_id in alive)
+            readable = int(r.state in ("ok", "unsealed") and r.node_id in alive)
             w, g, rd = health.get(r.extent_id, (width, 0, 0))
             health[r.extent_id] = (w, g + good, rd + readable)
         summary = {"healthy": 0, "under_replicated": 0, "lost": 0}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cluster import files_equal, random_file, wait_for
 
-from appendfs.store.wire import Connection, Request, Role
+from appendfs.store.wire import Connection, Role
 from appendfs.store.wire.protocol import NEED_DATA, Hello
 
 MiB = 1 << 20

@@ -17,7 +17,7 @@ class Demo:
     name: str = option("dn", "a name")
     ratio: float = option(0.5, "a fraction")
     verbose: bool = option(False, "chatty logs")
-    data: Path | None = option(None, "data directory")  # noqa: RUF009 - option() is a field()
+    data: Path | None = option(None, "data directory")
     peers: tuple[str, ...] = option((), "peer addresses")
     limit: int | None = option(None, "an optional cap", positive)
 

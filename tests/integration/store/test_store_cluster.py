@@ -113,7 +113,7 @@ def test_a_datanode_directory_of_another_cluster_is_refused(sqlite_url: str, mak
     c = make_cluster(sqlite_url, datanodes=1)
     other = make_cluster(f"sqlite:///{tmp_path}/other.db", metanodes=1, datanodes=0)
     c.datanodes[0].stop()
-    res = subprocess.run(c.datanodes[0].argv[:-2] + ["--secret-file", str(other.secret)], env=c.env,
+    res = subprocess.run([*c.datanodes[0].argv[:-2], "--secret-file", str(other.secret)], env=c.env,
                          capture_output=True, timeout=60)
     assert res.returncode == 2
     assert b"belongs to cluster" in res.stderr and len(res.stderr.strip().splitlines()) == 1

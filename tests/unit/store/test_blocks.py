@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from appendfs.store.codec import (
     BLOCK_BYTES,
     ENTRY_BYTES,
@@ -18,8 +21,6 @@ from appendfs.store.codec import (
     recover_length,
     verify_blocks,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def data_of(length: int, seed: int = 0) -> bytes:

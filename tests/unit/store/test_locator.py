@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from appendfs.store.client.locator import Locator, Piece
-from appendfs.store.errors import BadLocator
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from appendfs.store.client.locator import Locator, Piece
+from appendfs.store.errors import BadLocator
 
 pieces_st = st.lists(st.builds(Piece, st.integers(0, 2**63), st.integers(0, 2**40), st.integers(0, 2**30)),
                      max_size=6)

@@ -6,9 +6,10 @@ import random
 from collections import Counter
 
 import pytest
-from appendfs.store.placement import Candidate, Policy, PolicyError, choose, parse_policy
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from appendfs.store.placement import Candidate, Policy, PolicyError, choose, parse_policy
 
 
 @pytest.mark.parametrize("n", range(1, 100))

@@ -8,6 +8,9 @@ from hashlib import sha256
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from appendfs.store.wire import (
     NEED_DATA,
     WIRE_VERSION,
@@ -21,8 +24,6 @@ from appendfs.store.wire import (
     Role,
 )
 from appendfs.store.wire.protocol import FRAME_HEADER_BYTES, MAX_HEADER_BYTES, Kind
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 CLUSTER = "c-0001"
 SECRET = b"cluster secret"

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from appendfs.store.codec import ENTRY_BYTES, encode_entry
 from appendfs.store.datanode.backend import Backend, BackendError, ExtentMeta
 from appendfs.store.datanode.filebackend import FileBackend

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+
 from appendfs.store.codec import BLOCK_BYTES, ENTRY_BYTES, checksum, verify_blocks
 from appendfs.store.datanode.backend import ExtentMeta
 from appendfs.store.datanode.extents import ExtentError, ExtentStore
@@ -474,4 +475,4 @@ async def test_recover_sweeps_orphan_files(device: Path, backends: list[FileBack
     store = open_store(device, backends)
     assert store.recover() == [EXT]
     assert not orphan.exists()
-    assert [s["extent_id"] for s in store.list()] == [EXT]
+    assert [s["extent_id"] for s in store.all_extents()] == [EXT]
