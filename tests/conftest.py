@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from pgserver import ThrowawayPostgres, create_database, drop_database, postgres_server
 
 # Property tests are derandomized: the same examples every run, so CI is repeatable and a
 # failure found once is found again. HYPOTHESIS_PROFILE=explore searches with fresh seeds.
@@ -20,8 +21,6 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("explore", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-from pgserver import ThrowawayPostgres, create_database, drop_database, postgres_server
 
 
 @pytest.fixture(scope="session")
