@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -33,3 +33,18 @@ def pg_meta(pg_url: str) -> Iterator[Meta]:
     problems = m.check_invariants()
     m.close()
     assert problems == []
+
+
+@pytest.fixture
+def open_meta_fn() -> Iterator[Callable[..., Meta]]:
+    """open_meta for tests that need several clients; all are closed afterwards."""
+    opened: list[Meta] = []
+
+    def make(url: str, **config: object) -> Meta:
+        m = open_meta(url, **config)
+        opened.append(m)
+        return m
+
+    yield make
+    for m in opened:
+        m.close()
