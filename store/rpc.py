@@ -329,8 +329,8 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, auth: Cl
             limit.release()
         try:
             await send(conn.send(resp))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the peer is gone (or went away mid-request): its answer has nowhere to go
 
     try:
         with trio.fail_after(opts.handshake_timeout_s):
@@ -378,7 +378,11 @@ async def serve(host: str, port: int, handler: Handler, auth: ClusterAuth, opts:
             stream.setsockopt(6, 1, 1)
         except OSError:
             pass
-        await serve_connection(stream, handler, auth, opts)
+        try:
+            await serve_connection(stream, handler, auth, opts)
+        except Exception:
+            # One connection must never take the server down, whatever went wrong in it.
+            log.exception("connection handler failed; closing that connection only")
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]

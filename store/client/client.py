@@ -141,22 +141,26 @@ class StoreClient:
                 if rep["state"] in ("missing",):
                     continue
                 try:
-                    return await self._read_replica(extent_id, rep, offset, length)
+                    return await self._read_replica(extent_id, int(m["epoch"]), rep, offset, length)
+                except RpcError as exc:
+                    errors.append(f"{rep['node_id']}: {exc}")
+                    if exc.code == "stale_epoch":
+                        break  # the placement changed: refresh the map before trying more replicas
                 except BlockError as exc:
                     errors.append(f"{rep['node_id']}: corrupt ({exc})")
                     self.stats["bad_replicas"] += 1
                     log.error("extent %d on node %s: %s — reporting and reading another replica",
                               extent_id, rep["node_id"], exc)
                     await self._report_bad(extent_id, rep["node_id"], str(exc))
-                except (ConnectionLost, RpcError, trio.TooSlowError) as exc:
-                    errors.append(f"{rep['node_id']}: {exc or 'timeout'}")
+                except (ConnectionLost, trio.TooSlowError) as exc:
+                    errors.append(f"{rep['node_id']}: {str(exc) or 'timeout'}")
                 self.stats["read_fallbacks"] += 1
         raise Unreadable(f"no replica of extent {extent_id} returned verified bytes for "
                          f"[{offset}, {offset + length}): {'; '.join(errors)}")
 
-    async def _read_replica(self, extent_id: int, rep: dict[str, Any], offset: int, length: int) -> bytes:
+    async def _read_replica(self, extent_id: int, epoch: int, rep: dict[str, Any], offset: int, length: int) -> bytes:
         ch = await self.pool.get(rep["address"], lane="r")
-        result, data = await ch.call("read", {"extent_id": extent_id, "offset": offset, "length": length},
+        result, data = await ch.call("read", {"extent_id": extent_id, "offset": offset, "length": length, "epoch": epoch},
                                      timeout_s=self.cfg.read_timeout_s)
         start = int(result["start"])
         verify_blocks(data, result["entries"], start // 4096)

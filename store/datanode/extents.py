@@ -235,9 +235,16 @@ class ExtentStore:
         self.stats["append_bytes"] += len(data)
         return end
 
-    async def read(self, extent_id: int, offset: int, length: int) -> tuple[int, bytes, bytes]:
-        """(aligned start, data, entries) covering [offset, offset+length) for the client to verify."""
+    async def read(self, extent_id: int, offset: int, length: int, epoch: int | None = None) -> tuple[int, bytes, bytes]:
+        """(aligned start, data, entries) covering [offset, offset+length) for the client to verify.
+
+        ``epoch`` is the placement epoch of the caller's extent map; an older one than this
+        replica's is refused with ``stale_epoch`` so the caller refreshes its map.
+        """
         ext = self._get(extent_id)
+        if epoch is not None and epoch < ext.meta.epoch:
+            raise ExtentError("stale_epoch", f"extent {extent_id:x} was re-placed: epoch {ext.meta.epoch} > {epoch}",
+                              epoch=ext.meta.epoch)
         limit = ext.written
         if offset < 0 or length < 0 or offset + length > limit:
             raise ExtentError("out_of_range", f"read [{offset}, {offset + length}) beyond extent end {limit}",

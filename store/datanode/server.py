@@ -76,7 +76,9 @@ class DataNode:
                 return {"length": length}, b""
             started.started()
             if req.op == "read":
-                start, data, entries = await self.store.read(int(a["extent_id"]), int(a["offset"]), int(a["length"]))
+                epoch = a.get("epoch")
+                start, data, entries = await self.store.read(int(a["extent_id"]), int(a["offset"]), int(a["length"]),
+                                                             None if epoch is None else int(epoch))
                 return {"start": start, "entries": entries}, data
             if req.op == "create":
                 meta = ExtentMeta(extent_id=int(a["extent_id"]), stream_id=int(a["stream_id"]),

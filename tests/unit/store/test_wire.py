@@ -459,3 +459,17 @@ def test_well_framed_nonsense_is_a_protocol_error(state: str, kind: int, head: o
     except ProtocolError:
         return
     assert isinstance(event, Hello | Authenticated | Request | Response)
+
+
+def test_a_connection_closed_by_the_peer_refuses_to_send() -> None:
+    """After the peer closed, send() raises ProtocolError (the RPC layer drops such replies)."""
+    server = Connection(Role.SERVER, cluster_id="c", secret=b"s", nonce=b"\x01" * 32)
+    client = Connection(Role.CLIENT, cluster_id="c", secret=b"s", nonce=b"\x02" * 32)
+    client.receive_data(b"".join(server.hello()))
+    client.next_event()
+    server.receive_data(b"".join(client.auth()))
+    server.next_event()
+    server.receive_data(b"")
+    assert isinstance(server.next_event(), Closed)
+    with pytest.raises(ProtocolError):
+        server.send(Response(req_id=1))

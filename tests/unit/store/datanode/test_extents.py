@@ -476,3 +476,24 @@ async def test_recover_sweeps_orphan_files(device: Path, backends: list[FileBack
     assert store.recover() == [EXT]
     assert not orphan.exists()
     assert [s["extent_id"] for s in store.all_extents()] == [EXT]
+
+
+async def test_read_with_an_older_placement_epoch_is_refused(tmp_path):
+    """A client holding an outdated extent map is told to refresh it (stale_epoch)."""
+    backend = FileBackend(tmp_path)
+    store = ExtentStore(backend, reserve_bytes=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await store.create(ExtentMeta(extent_id=77, stream_id=1, epoch=3, index=0))
+        await store.append(77, 0, b"x" * 100, checksum(b"x" * 100), _NoStarted())
+        with pytest.raises(ExtentError) as err:
+            await store.read(77, 0, 10, epoch=2)
+        assert err.value.code == "stale_epoch" and err.value.details["epoch"] == 3
+        _start, data, _entries = await store.read(77, 0, 10, epoch=3)
+        assert data[:10] == b"x" * 10
+        nursery.cancel_scope.cancel()
+
+
+class _NoStarted:
+    def started(self) -> None:
+        pass

@@ -1,0 +1,92 @@
+"""The trio transport over real loopback sockets: pipelining, ordering, and peers that vanish."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from appendfs.store.rpc import ChannelPool, ClusterAuth, ConnectionLost, RpcError, ServerOptions, Started, serve
+from appendfs.store.wire import Request
+
+AUTH = ClusterAuth("cluster-a", b"k" * 32)
+
+
+async def _server(nursery: trio.Nursery, handler: Any) -> str:
+    port = await nursery.start(serve, "127.0.0.1", 0, handler, AUTH, ServerOptions())
+    return f"127.0.0.1:{port}"
+
+
+async def test_requests_are_started_in_order_and_answered_out_of_order() -> None:
+    seen: list[int] = []
+
+    async def handler(req: Request, started: Started) -> tuple[dict[str, Any], bytes]:
+        seen.append(req.args["n"])
+        started.started()
+        await trio.sleep(0.05 * (5 - req.args["n"]))  # later requests finish first
+        return {"n": req.args["n"]}, bytes(req.data)
+
+    async with trio.open_nursery() as nursery:
+        address = await _server(nursery, handler)
+        async with ChannelPool(AUTH) as pool:
+            ch = await pool.get(address)
+            pending = [await ch.send("echo", {"n": n}, bytes([n]) * 1000) for n in range(5)]
+            answers = [await ch.wait(p, 5) for p in pending]
+        assert seen == [0, 1, 2, 3, 4]
+        assert [(r["n"], d) for r, d in answers] == [(n, bytes([n]) * 1000) for n in range(5)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_vanishing_mid_request_does_not_disturb_the_server() -> None:
+    """Regression: replies to a closed connection used to raise out of the request task
+    and kill the whole server."""
+    release = trio.Event()
+
+    async def handler(req: Request, started: Started) -> tuple[dict[str, Any], bytes]:
+        started.started()
+        if req.op == "slow":
+            await release.wait()
+        return {"ok": True}, b""
+
+    async with trio.open_nursery() as nursery:
+        address = await _server(nursery, handler)
+        async with ChannelPool(AUTH) as pool:
+            ch = await pool.open(address)
+            for _ in range(3):
+                await ch.send("slow", {})
+            await pool.drop(ch)  # the client goes away with three requests in flight
+            await trio.sleep(0.05)
+            release.set()  # now the server answers into a closed connection
+            await trio.sleep(0.05)
+            other = await pool.get(address)
+            result, _ = await other.call("fast", {}, timeout_s=5)
+            assert result == {"ok": True}
+        nursery.cancel_scope.cancel()
+
+
+async def test_errors_travel_as_rpc_errors_with_codes() -> None:
+    async def handler(req: Request, started: Started) -> tuple[dict[str, Any], bytes]:
+        raise RpcError("bad_offset", "nope", length=7)
+
+    async with trio.open_nursery() as nursery:
+        address = await _server(nursery, handler)
+        async with ChannelPool(AUTH) as pool:
+            ch = await pool.get(address)
+            with pytest.raises(RpcError) as err:
+                await ch.call("append", {}, timeout_s=5)
+        assert err.value.code == "bad_offset" and err.value.details == {"length": 7}
+        assert not err.value.temporary
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_wrong_secret_cannot_connect() -> None:
+    async def handler(req: Request, started: Started) -> tuple[dict[str, Any], bytes]:
+        return {}, b""
+
+    async with trio.open_nursery() as nursery:
+        address = await _server(nursery, handler)
+        async with ChannelPool(ClusterAuth("cluster-a", b"wrong" * 7), connect_timeout_s=5) as pool:
+            with pytest.raises(ConnectionLost):
+                await (await pool.get(address)).call("x", {}, timeout_s=5)
+        nursery.cancel_scope.cancel()
