@@ -245,9 +245,13 @@ def store_put(meta_url: str, config_file: Path | None, redundancy: str, file: Pa
 def store_get(meta_url: str, config_file: Path | None, locator: str) -> None:
     """Write the verified bytes of LOCATOR to stdout."""
     from appendfs.store.client import Locator
+    from appendfs.store.errors import BadLocator
     from appendfs.tools import get_to
 
-    loc = Locator.parse(locator)
+    try:
+        loc = Locator.parse(locator)
+    except BadLocator as exc:
+        raise ConfigError(str(exc)) from None
     cfg = _client_config(config_file)
     setup_logging("WARNING")
     trio.run(get_to, meta_url, cfg, loc, sys.stdout.buffer)

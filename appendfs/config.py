@@ -153,10 +153,13 @@ def load(cls: type[T], section: str, *, file: Path | None = None, flags: Mapping
         elif name in table:
             raw, source = table[name], f"[{section}] in the config file"
         else:
-            continue
-        value = _coerce(f"{section}.{name}", source, raw, hints[name])
+            raw, source = f.default, "the default"
+        # Defaults are checked too: a required key (say, the MetaNode list) has an empty default.
+        value = raw if source == "the default" else _coerce(f"{section}.{name}", source, raw, hints[name])
         check = f.metadata.get("check")
         reason = check(value) if check and value is not None else None
+        if reason and source == "the default":
+            raise ConfigError(f"config {section}.{name} is not set: {reason}")
         if reason:
             raise ConfigError(f"config {section}.{name} = {value!r} (from {source}): {reason}")
         values[name] = value

@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 import trio
 
-from appendfs.store.rpc import ChannelPool, ClusterAuth, ConnectionLost, RpcError, ServerOptions, Started, serve
+from appendfs.store.rpc import (
+    ChannelPool,
+    ClusterAuth,
+    ConnectionLost,
+    RpcError,
+    ServerOptions,
+    Started,
+    serve,
+)
 from appendfs.store.wire import Request
 
 AUTH = ClusterAuth("cluster-a", b"k" * 32)

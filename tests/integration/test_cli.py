@@ -1,0 +1,107 @@
+"""The `appendfs` command as users meet it: clear one-line errors, exit codes, `format`, `up`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from cluster import files_equal, random_file, wait_for
+
+APPENDFS = [sys.executable, "-m", "appendfs"]
+
+
+def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*APPENDFS, *args], capture_output=True, text=True, timeout=120, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def one_line_error(res: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("appendfs: error: "), res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["datanode", "--listen", "nonsense", "--metanode", "127.0.0.1:1"], "datanode.listen"),
+    (["datanode", "--listen", "127.0.0.1:1", "--high-water", "1.5", "--metanode", "127.0.0.1:1"], "datanode.high_water"),
+    (["datanode", "--listen", "127.0.0.1:1"], "at least one MetaNode"),
+    (["datanode", "--metanode", "127.0.0.1:1", "--secret-file", "/nonexistent/secret"], "does not exist"),
+    (["store", "put", "--meta", "sqlite:////tmp/x.db", "--redundancy", "rep:0", "/etc/hostname"], "--redundancy"),
+    (["store", "get", "--meta", "sqlite:////tmp/x.db", "not-a-locator"], "not an appendfs locator"),
+    (["metanode", "--meta", "mysql://x/y"], "unsupported database"),
+])
+def test_bad_input_prints_one_line_and_exits_2(args: list[str], says: str) -> None:
+    assert says in one_line_error(run(*args))
+
+
+def test_a_bad_config_file_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[datanode]\nlisten = 'x:1'\nbogus = 1\n")
+    assert "unknown key datanode.bogus" in one_line_error(run("datanode", "--config", str(cfg)))
+    cfg.write_text("[datanode\n")
+    assert "not valid TOML" in one_line_error(run("datanode", "--config", str(cfg)))
+    cfg.write_text("[datanode]\nmetanode = ['127.0.0.1:1']\nheartbeat_interval_s = 'soon'\n")
+    assert "datanode.heartbeat_interval_s" in one_line_error(run("datanode", "--config", str(cfg)))
+
+
+def test_an_unformatted_database_says_what_to_do(meta_url: str) -> None:
+    assert "appendfs format" in one_line_error(run("metanode", "--meta", meta_url, "--listen", "127.0.0.1:0"))
+
+
+def test_format_is_idempotent_and_a_schema_of_another_version_is_refused(meta_url: str, tmp_path: Path) -> None:
+    first = run("format", meta_url, "--secret-file", str(tmp_path / "s1"))
+    assert first.returncode == 0 and first.stdout.startswith("formatted: cluster")
+    again = run("format", meta_url, "--secret-file", str(tmp_path / "s2"))
+    assert again.returncode == 0 and again.stdout.startswith("already formatted")
+    assert json.loads((tmp_path / "s1").read_text()) == json.loads((tmp_path / "s2").read_text())
+    eng = sa.create_engine(meta_url)
+    with eng.begin() as c:
+        c.execute(sa.text("UPDATE store_schema SET version = 99"))
+    eng.dispose()
+    line = one_line_error(run("metanode", "--meta", meta_url, "--listen", "127.0.0.1:0"))
+    assert "we speak version 1" in line and "version 99" in line
+
+
+def test_up_refuses_capabilities_that_have_not_landed(tmp_path: Path) -> None:
+    assert "--mount is not available yet" in one_line_error(run("up", "--data", str(tmp_path), "--mount", "/mnt"))
+    assert "--s3 is not available yet" in one_line_error(run("up", "--data", str(tmp_path), "--s3", "127.0.0.1:9000"))
+
+
+def test_up_runs_a_whole_cluster_and_stops_it(tmp_path: Path) -> None:
+    data = tmp_path / "up"
+    with subprocess.Popen([*APPENDFS, "up", "--data", str(data)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as sup:
+        try:
+            assert sup.stdout is not None
+            for line in sup.stdout:
+                if line.startswith("appendfs is"):
+                    assert line.startswith("appendfs is up"), line
+                    break
+            run_info = json.loads((data / "run.json").read_text())
+            meta = run_info["meta_url"]
+            st = json.loads(run("status", "--meta", meta, "--json").stdout)
+            assert sum(n["alive"] for n in st["nodes"]) == 3
+            src = random_file(tmp_path / "f.bin", 3 << 20, seed=41)
+            put = run("store", "put", "--meta", meta, str(src))
+            assert put.returncode == 0
+            out = tmp_path / "out.bin"
+            with open(out, "wb") as f:
+                assert subprocess.run([*APPENDFS, "store", "get", "--meta", meta, put.stdout.strip().splitlines()[-1]],
+                                      stdout=f, timeout=120).returncode == 0
+            assert files_equal(src, out)
+        finally:
+            sup.send_signal(signal.SIGTERM)
+            sup.wait(30)
+    pids = run_info["pids"].values()
+
+    def all_gone() -> bool:
+        return all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+                   for pid in pids)
+    wait_for(all_gone, "every child of `up` to exit", 30)
+    assert {p.name for p in (data / "logs").iterdir()} == {"metanode.log", "datanode-1.log", "datanode-2.log",
+                                                           "datanode-3.log"}
