@@ -97,7 +97,11 @@ def _coerce(name: str, source: str, value: Any, typ: Any) -> Any:
         if typ is int:
             if isinstance(value, bool | float):  # int(3.7) would silently drop the fraction
                 raise ValueError(value)
-            return int(value) if not isinstance(value, str) else int(value.replace("_", ""), 0)
+            if not isinstance(value, str):
+                return int(value)
+            text = value.replace("_", "").strip()
+            # base 0 understands 0x/0o/0b but refuses "010"; plain decimal otherwise
+            return int(text, 0) if text[:2].lower() in ("0x", "0o", "0b") else int(text)
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError(value)
@@ -143,6 +147,10 @@ def load(cls: type[T], section: str, *, file: Path | None = None, flags: Mapping
     unknown = set(table) - set(fields)
     if unknown:
         raise ConfigError(f"config file: unknown key {section}.{sorted(unknown)[0]}")
+    prefix = f"APPENDFS_{section.upper()}_"
+    stray = sorted(k for k in environ if k.startswith(prefix) and k[len(prefix):].lower() not in fields)
+    if stray:
+        raise ConfigError(f"environment: {stray[0]} is not a [{section}] key (typo?)")
     values: dict[str, Any] = {}
     for name, f in fields.items():
         env_key = f"APPENDFS_{section.upper()}_{name.upper()}"

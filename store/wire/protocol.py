@@ -147,6 +147,7 @@ class Connection:
         self._state = _State.START
         self._peer_closed = False
         self.peer_node = ""
+        self._peer_cluster_id = ""
 
     # ---- sending ----------------------------------------------------------------------
 
@@ -217,7 +218,12 @@ class Connection:
             raise ProtocolError(f"undecodable header: {exc.__class__.__name__}") from None
         if not isinstance(head, dict):
             raise ProtocolError("header is not a map")
-        data = bytes(buf[FRAME_HEADER_BYTES + hlen:total]) if dlen else b""
+        data = b""
+        if dlen:
+            # One copy, through a view: bytes(buf[a:b]) would copy twice, via a fresh
+            # multi-MiB bytearray whose pages must be faulted in (bench/store_bench.py).
+            with memoryview(buf) as view:
+                data = bytes(view[FRAME_HEADER_BYTES + hlen:total])
         del buf[:total]
         try:
             return self._dispatch(Kind(kind), req_id, head, data)
@@ -248,6 +254,7 @@ class Connection:
                 raise ProtocolError("bad server nonce")
             self._peer_nonce = nonce
             self.peer_node = str(head.get("node", ""))
+            self._peer_cluster_id = str(head["cluster_id"])
             return Hello(cluster_id=str(head["cluster_id"]), nonce=nonce, node=self.peer_node)
         if self._state is _State.AUTHING:
             if kind is not Kind.AUTHOK:
@@ -256,7 +263,7 @@ class Connection:
             if not hmac.compare_digest(expected, _mac_field(head)):
                 raise ProtocolError("server failed authentication: wrong cluster secret")
             self._state = _State.READY
-            return Authenticated(peer_cluster_id=self.cluster_id)
+            return Authenticated(peer_cluster_id=self._peer_cluster_id)
         if kind is not Kind.RESPONSE:
             raise ProtocolError(f"expected RESPONSE, got {kind.name}")
         error = head.get("error")

@@ -155,3 +155,13 @@ def test_parse_host_port(text: str, expected: tuple[str, int]) -> None:
 def test_parse_host_port_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_host_port(text)
+
+
+def test_a_stray_environment_key_of_the_section_is_refused() -> None:
+    """A typo such as APPENDFS_DEMO_PORTT must not be silently ignored."""
+    with pytest.raises(ConfigError, match="APPENDFS_DEMO_PORTT"):
+        load(Demo, "demo", environ={"APPENDFS_DEMO_PORTT": "1"})
+
+
+def test_decimal_with_a_leading_zero_from_the_environment() -> None:
+    assert load(Demo, "demo", environ={"APPENDFS_DEMO_PORT": "010"}).port == 10
