@@ -144,7 +144,7 @@ def metanode_cmd(meta_url: str, config_file: Path | None, **flags: Any) -> None:
 
     cfg = load(MetaNodeConfig, "metanode", file=config_file, flags=flags)
     setup_logging(cfg.log_level)
-    engine = make_engine(meta_url, pool_size=6)
+    engine = make_engine(meta_url, pool_size=6, must_exist=True)
     row = read_cluster(engine)
     node = MetaNode(cfg, engine, ClusterAuth(row.cluster_id, row.secret), int(row.extent_max_bytes))
     serve_metrics(cfg.metrics, "appendfs_metanode", lambda: {**node.stats, "leader": float(node.epoch is not None),

@@ -12,6 +12,7 @@ stays on unless the documented option relaxes it.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,14 +26,23 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 
 def make_engine(url: str, *, pool_size: int = 5, busy_timeout_s: float = 30.0,
-                relaxed_durability: bool = False) -> Engine:
-    """Create an engine for META_URL with appendfs's durability settings."""
+                relaxed_durability: bool = False, pre_ping: bool = True, must_exist: bool = False) -> Engine:
+    """Create an engine for META_URL with appendfs's durability settings.
+
+    ``must_exist=True`` (daemons and tools other than `format`) refuses a SQLite path that
+    does not exist, instead of creating an empty file that hides a typo.
+
+    ``pre_ping=False`` saves a round trip per checkout for callers that retry on
+    :func:`is_unreachable` themselves (appendfs.meta does).
+    """
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         raise ConfigError(f"META_URL {url!r} is not a database URL (sqlite:///PATH or postgresql+psycopg://...)") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
+        if must_exist and parsed.database and not os.path.exists(parsed.database):
+            raise ConfigError(f"META_URL {url!r}: {parsed.database} does not exist (create it with `appendfs format`)")
         return _sqlite_engine(parsed, busy_timeout_s, relaxed_durability)
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
@@ -40,7 +50,7 @@ def make_engine(url: str, *, pool_size: int = 5, busy_timeout_s: float = 30.0,
         connect_args: dict[str, Any] = {"connect_timeout": 10}
         if relaxed_durability:
             connect_args["options"] = "-c synchronous_commit=off"
-        return sa.create_engine(parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+        return sa.create_engine(parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=pre_ping,
                                 connect_args=connect_args)
     raise ConfigError(f"META_URL {url!r}: unsupported database {backend!r} (use sqlite or postgresql)")
 

@@ -23,7 +23,7 @@ class _DictCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         for key, value in sorted(self.read().items()):
-            yield GaugeMetricFamily(f"{self.prefix}_{key}", f"appendfs {self.prefix} {key.replace('_', ' ')}", value=float(value))
+            yield GaugeMetricFamily(f"{self.prefix}_{key}", f"{self.prefix.removeprefix('appendfs_')}: {key.replace('_', ' ')}", value=float(value))
 
 
 def serve_metrics(address: str | None, prefix: str, read: Callable[[], dict[str, float]]) -> int | None:

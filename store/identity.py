@@ -35,6 +35,15 @@ def write_secret_file(path: Path, auth: ClusterAuth) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_secret_file(path: Path) -> ClusterAuth:
@@ -81,4 +90,5 @@ def claim_data_dir(data_dir: Path, cluster_id: str) -> NodeIdentity:
     with open(tmp) as f:
         os.fsync(f.fileno())
     os.replace(tmp, stamp)
+    _fsync_dir(data_dir)
     return ident

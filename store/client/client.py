@@ -28,7 +28,7 @@ from appendfs.store.client.config import ClientConfig
 from appendfs.store.client.metalink import MetaLink
 from appendfs.store.client.stream import LogStream
 from appendfs.store.codec import BlockError, verify_blocks
-from appendfs.store.errors import StoreError, Unreadable
+from appendfs.store.errors import LeaseLost, StoreError, Unreadable
 from appendfs.store.metanode.schema import read_cluster
 from appendfs.store.placement import PolicyError, parse_policy
 from appendfs.store.rpc import ChannelPool, ClusterAuth, ConnectionLost, RpcError
@@ -57,7 +57,7 @@ class StoreClient:
                       engine: Engine | None = None) -> AsyncIterator[StoreClient]:
         cfg = cfg or ClientConfig()
         own_engine = engine is None
-        engine = engine or make_engine(meta_url, pool_size=2)
+        engine = engine or make_engine(meta_url, pool_size=2, must_exist=True)
         db_lane = trio.CapacityLimiter(2)
         try:
             row = await trio.to_thread.run_sync(read_cluster, engine, limiter=db_lane)
@@ -106,7 +106,7 @@ class StoreClient:
             for sid, s in list(self._streams.items()):
                 if sid not in held:
                     log.error("lost the lease of stream %d", sid)
-                    s._broken = StoreError(f"lease of stream {sid} lost")
+                    s._broken = LeaseLost(f"lease of stream {sid} lost (fenced after expiry)")
 
     # ---- extent maps ----------------------------------------------------------------
 

@@ -7,13 +7,18 @@ from dataclasses import dataclass
 from appendfs.config import option, positive
 
 
+def _frame_sized(value: int) -> str | None:
+    """Appends and reads travel in one frame each: keep them well inside its bound."""
+    return None if 4096 <= value <= 8 << 20 else "must be between 4096 and 8388608 bytes"
+
+
 @dataclass(frozen=True)
 class ClientConfig:
-    append_bytes: int = option(1 << 20, "largest single append sent to DataNodes (bytes)", positive)
+    append_bytes: int = option(1 << 20, "largest single append sent to DataNodes (bytes)", _frame_sized)
     window_bytes: int = option(16 << 20, "unacknowledged bytes buffered per stream (memory bound, backpressure)", positive)
     append_timeout_s: float = option(15.0, "a replica that does not acknowledge an append within this is failed", positive)
     read_timeout_s: float = option(15.0, "a replica that does not answer a read within this is skipped", positive)
-    read_bytes: int = option(4 << 20, "bytes per read request", positive)
+    read_bytes: int = option(4 << 20, "bytes per read request", _frame_sized)
     read_parallel: int = option(4, "read requests in flight for one sequential read", positive)
     connect_timeout_s: float = option(5.0, "TCP connect + handshake deadline", positive)
     leader_wait_s: float = option(60.0, "how long calls wait for a MetaNode leader before failing", positive)

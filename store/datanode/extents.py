@@ -97,7 +97,7 @@ class ExtentStore:
             try:
                 meta = self.backend.get_meta(extent_id)
             except BackendError as exc:
-                log.error("skipping extent %x: %s", extent_id, exc)
+                log.error("skipping extent %d: %s", extent_id, exc)
                 continue
             if meta.state == "sealed":
                 self._extents[extent_id] = _Extent(meta, meta.sealed_length, meta.sealed_length, meta.sealed_length)
@@ -106,7 +106,7 @@ class ExtentStore:
             ext = _Extent(meta, length, length, length, tail=self._read_tail(extent_id, length), recovering=True)
             self._extents[extent_id] = ext
             recovering.append(extent_id)
-            log.info("extent %x was open at restart: recovered %d bytes, awaiting reconcile", extent_id, length)
+            log.info("extent %d was open at restart: recovered %d bytes, awaiting reconcile", extent_id, length)
         return recovering
 
     def _recover_open(self, extent_id: int) -> int:
@@ -183,7 +183,7 @@ class ExtentStore:
     def _get(self, extent_id: int) -> _Extent:
         ext = self._extents.get(extent_id)
         if ext is None:
-            raise ExtentError("not_found", f"extent {extent_id:x} does not exist on this node")
+            raise ExtentError("not_found", f"extent {extent_id} does not exist on this node")
         return ext
 
     def full(self) -> bool:
@@ -205,13 +205,13 @@ class ExtentStore:
         """Append ``data`` at ``offset`` (must be the current end); return the new length once durable."""
         ext = self._get(extent_id)
         if ext.sealed or ext.sealing:
-            raise ExtentError("sealed", f"extent {extent_id:x} is sealed", length=ext.length)
+            raise ExtentError("sealed", f"extent {extent_id} is sealed", length=ext.length)
         if ext.recovering:
-            raise ExtentError("recovering", f"extent {extent_id:x} awaits reconcile after a restart")
+            raise ExtentError("recovering", f"extent {extent_id} awaits reconcile after a restart")
         if ext.failed:
             raise ExtentError("io_error", ext.failed)
         if offset != ext.length:
-            raise ExtentError("bad_offset", f"append at {offset} but extent {extent_id:x} ends at {ext.length}",
+            raise ExtentError("bad_offset", f"append at {offset} but extent {extent_id} ends at {ext.length}",
                               length=ext.length)
         if checksum(data) != digest:
             self.stats["checksum_rejects"] += 1
@@ -243,7 +243,7 @@ class ExtentStore:
         """
         ext = self._get(extent_id)
         if epoch is not None and epoch < ext.meta.epoch:
-            raise ExtentError("stale_epoch", f"extent {extent_id:x} was re-placed: epoch {ext.meta.epoch} > {epoch}",
+            raise ExtentError("stale_epoch", f"extent {extent_id} was re-placed: epoch {ext.meta.epoch} > {epoch}",
                               epoch=ext.meta.epoch)
         limit = ext.written
         if offset < 0 or length < 0 or offset + length > limit:
@@ -283,7 +283,7 @@ class ExtentStore:
         ext = self._get(extent_id)
         if ext.sealed:
             if ext.meta.sealed_length != length:
-                raise ExtentError("conflict", f"extent {extent_id:x} is sealed at {ext.meta.sealed_length}, not {length}",
+                raise ExtentError("conflict", f"extent {extent_id} is sealed at {ext.meta.sealed_length}, not {length}",
                                   length=ext.meta.sealed_length)
             return length
         ext.sealing = True
@@ -294,7 +294,7 @@ class ExtentStore:
                 except ExtentError:
                     pass  # seal below re-checks what is on disk
             if length > ext.written:
-                raise ExtentError("short", f"extent {extent_id:x} has {ext.written} bytes, cannot seal at {length}",
+                raise ExtentError("short", f"extent {extent_id} has {ext.written} bytes, cannot seal at {length}",
                                   length=ext.written)
             meta = ExtentMeta(**{**ext.meta.to_dict(), "state": "sealed", "sealed_length": length})
             await trio.to_thread.run_sync(self._seal_sync, extent_id, length, meta, limiter=self._write_lane)

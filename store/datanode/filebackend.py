@@ -19,8 +19,15 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from appendfs.errors import VersionMismatch
 from appendfs.store.codec import ENTRY_BYTES
-from appendfs.store.datanode.backend import Backend, BackendError, ExtentMeta, Usage
+from appendfs.store.datanode.backend import (
+    META_FORMAT_VERSION,
+    Backend,
+    BackendError,
+    ExtentMeta,
+    Usage,
+)
 
 _MAX_OPEN_EXTENTS = 256
 
@@ -50,7 +57,7 @@ class FileBackend(Backend):
         try:
             fd = os.open(self._path(extent_id, suffix), os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise BackendError(f"extent {extent_id:x} not found") from None
+            raise BackendError(f"extent {extent_id} not found") from None
         with self._lock:
             other = self._fds.get(key)
             if other is not None:
@@ -85,7 +92,7 @@ class FileBackend(Backend):
             known = os.fstat(fd).st_size
         written = os.pwrite(fd, data, offset)
         if written != len(data):
-            raise BackendError(f"short write on extent {extent_id:x}: {written} of {len(data)}")
+            raise BackendError(f"short write on extent {extent_id}: {written} of {len(data)}")
         end = offset + len(data)
         with self._lock:
             if end > known:
@@ -146,10 +153,17 @@ class FileBackend(Backend):
             with open(self._path(extent_id, "meta")) as f:
                 raw = json.load(f)
         except FileNotFoundError:
-            raise BackendError(f"extent {extent_id:x} not found") from None
+            raise BackendError(f"extent {extent_id} not found") from None
         except (ValueError, OSError) as exc:
-            raise BackendError(f"extent {extent_id:x}: unreadable record: {exc}") from None
-        return ExtentMeta(**raw)
+            raise BackendError(f"extent {extent_id}: unreadable record: {exc}") from None
+        version = raw.get("version") if isinstance(raw, dict) else None
+        if version != META_FORMAT_VERSION:
+            raise VersionMismatch(f"extent record {self._path(extent_id, 'meta')}", META_FORMAT_VERSION,
+                                  version if isinstance(version, int) else -1)
+        try:
+            return ExtentMeta(**raw)
+        except TypeError as exc:
+            raise BackendError(f"extent {extent_id}: malformed record: {exc}") from None
 
     def list(self) -> list[int]:
         return sorted(int(p.stem, 16) for p in self.dir.glob("*.meta"))

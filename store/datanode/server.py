@@ -156,10 +156,10 @@ class DataNode:
             try:
                 if act["action"] == "seal":
                     await self.store.seal(extent_id, int(act["length"]))
-                    log.info("reconciled extent %x: sealed at %d", extent_id, act["length"])
+                    log.info("reconciled extent %d: sealed at %d", extent_id, act["length"])
                 elif act["action"] == "delete":
                     await self.store.delete(extent_id)
-                    log.info("reconciled extent %x: deleted (unknown to the MetaNode)", extent_id)
+                    log.info("reconciled extent %d: deleted (unknown to the MetaNode)", extent_id)
             except ExtentError as exc:
-                log.error("reconcile of extent %x failed: %s", extent_id, exc)
+                log.error("reconcile of extent %d failed: %s", extent_id, exc)
                 self.store.mark_bad(extent_id, str(exc))

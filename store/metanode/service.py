@@ -153,6 +153,8 @@ class MetaNode:
         raise AssertionError("unreachable")
 
     async def _write(self, fn: Callable[[Connection], T]) -> T:
+        if self.epoch is None:
+            raise RpcError("not_leader", "this metanode is not leading")
         try:
             return await self._db(self._tx, fn)
         except leadership.NotLeader:
@@ -463,7 +465,11 @@ class MetaNode:
         # A new leader gives writers one lease period to find it before fencing anyone.
         await trio.sleep(self.cfg.lease_ttl_s)
         while True:
-            expired = await self._read(self._expired_streams)
+            try:
+                expired = await self._read(self._expired_streams)
+            except RpcError as exc:  # the database is away: try again next round
+                log.warning("cannot look for expired leases: %s", exc)
+                expired = []
             for stream_id in expired:
                 try:
                     await self._fence(stream_id)
