@@ -126,7 +126,10 @@ class LogStream:
         if self._broken is not None:
             raise self._broken
         view = memoryview(data)
-        parts = [bytes(view[i:i + self._append_bytes]) for i in range(0, len(view), self._append_bytes)]
+        if isinstance(data, bytes) and 0 < len(data) <= self._append_bytes:
+            parts = [data]  # immutable and small enough: keep it, a copy costs ~0.1-1 ms per MiB
+        else:
+            parts = [bytes(view[i:i + self._append_bytes]) for i in range(0, len(view), self._append_bytes)]
         ticket = Ticket(len(view), len(parts))
         if not parts:
             ticket.done.set()
