@@ -13,6 +13,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -92,11 +93,17 @@ class ThrowawayPostgres:
             self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def _signal_postmaster(self, signum: int) -> None:
+        """Signal postgres itself: runuser, its parent when we are root, does not forward SIGINT."""
+        pidfile = os.path.join(self.dir, "data", "postmaster.pid")
+        with open(pidfile) as f:
+            os.kill(int(f.readline()), signum)
+
     def pause(self) -> None:
         """Stop the server (fast shutdown) but keep its data, for outage tests."""
         assert self.proc is not None
-        self.proc.send_signal(2)  # SIGINT = fast shutdown
-        self.proc.wait(30)
+        self._signal_postmaster(signal.SIGINT)  # fast shutdown: clients are disconnected
+        self.proc.wait(60)
 
     def resume(self) -> None:
         argv = self.proc.args if self.proc is not None else None
