@@ -17,7 +17,7 @@ from appendfs.meta import schema
 
 
 def check_invariants(conn: sa.Connection) -> list[str]:
-    I, D, S = schema.inode, schema.dentry, schema.slice_  # noqa: N806
+    I, D, S = schema.inode, schema.dentry, schema.slice_  # noqa: E741
     problems: list[str] = []
     inodes = {r.ino: r for r in conn.execute(sa.select(I))}
     dentries = conn.execute(sa.select(D.c.parent, D.c.name, D.c.ino, D.c.kind)).all()
@@ -43,13 +43,17 @@ def check_invariants(conn: sa.Connection) -> list[str]:
         if parent is None or parent.kind != stat.S_IFDIR:
             problems.append(f"entry {d.name!r} has parent {d.parent} that is no directory")
         if d.kind != child.kind:
-            problems.append(f"entry {d.name!r} in {d.parent}: kind {d.kind:o} != inode kind {child.kind:o}")
+            problems.append(
+                f"entry {d.name!r} in {d.parent}: kind {d.kind:o} != inode kind {child.kind:o}"
+            )
         names[d.ino] += 1
         children[d.parent].append(d.ino)
         if child.kind == stat.S_IFDIR:
             subdirs[d.parent] += 1
             if child.parent != d.parent:
-                problems.append(f"directory {d.ino} is in {d.parent} but inode.parent is {child.parent}")
+                problems.append(
+                    f"directory {d.ino} is in {d.parent} but inode.parent is {child.parent}"
+                )
 
     # Reachability: walk from the root; a directory seen twice means a cycle or a 2nd name.
     seen = {schema.ROOT_INO}
@@ -74,11 +78,15 @@ def check_invariants(conn: sa.Connection) -> list[str]:
         else:
             want = names[ino]
         if a.nlink != want:
-            problems.append(f"inode {ino} nlink {a.nlink} != {want} ({'subdirs+2' if a.kind == stat.S_IFDIR else 'entries'})")
+            problems.append(
+                f"inode {ino} nlink {a.nlink} != {want} ({'subdirs+2' if a.kind == stat.S_IFDIR else 'entries'})"
+            )
         if a.nlink > 0 and ino not in seen:
             problems.append(f"inode {ino} (nlink {a.nlink}) is not reachable from the root")
         if a.nlink == 0 and ino not in sustained:
-            problems.append(f"inode {ino} has nlink 0 but no session holds it open (should be in delfile)")
+            problems.append(
+                f"inode {ino} has nlink 0 but no session holds it open (should be in delfile)"
+            )
         if (a.kind == stat.S_IFLNK) != (ino in links):
             problems.append(f"inode {ino}: symlink row presence does not match kind {a.kind:o}")
         if ino in queued:
@@ -87,18 +95,22 @@ def check_invariants(conn: sa.Connection) -> list[str]:
     for sid in set(held_by) - sessions:
         problems.append(f"sustained rows of unknown session {sid}")
 
-    q = sa.select(S.c.ino, sa.func.max(S.c.file_off + S.c.length), sa.func.max(S.c.seq)).group_by(S.c.ino)
+    q = sa.select(S.c.ino, sa.func.max(S.c.file_off + S.c.length), sa.func.max(S.c.seq)).group_by(
+        S.c.ino
+    )
     for ino, end, seq in conn.execute(q):
-        a = inodes.get(ino)
-        if a is None:
+        row = inodes.get(ino)
+        if row is None:
             if ino not in queued:
                 problems.append(f"slices of deleted inode {ino} outside the delete queue")
-        elif end > a.size:
-            problems.append(f"inode {ino}: a slice ends at {end} past size {a.size}")
-        elif seq > a.slice_seq:
-            problems.append(f"inode {ino}: slice seq {seq} > inode.slice_seq {a.slice_seq}")
+        elif end > row.size:
+            problems.append(f"inode {ino}: a slice ends at {end} past size {row.size}")
+        elif seq > row.slice_seq:
+            problems.append(f"inode {ino}: slice seq {seq} > inode.slice_seq {row.slice_seq}")
 
-    next_ino = conn.execute(sa.select(schema.counter.c.value).where(schema.counter.c.name == schema.NEXT_INO)).scalar_one()
+    next_ino = conn.execute(
+        sa.select(schema.counter.c.value).where(schema.counter.c.name == schema.NEXT_INO)
+    ).scalar_one()
     top = max([*inodes, *queued])
     if next_ino <= top:
         problems.append(f"counter next_ino {next_ino} <= highest inode {top}")

@@ -17,13 +17,14 @@ snapshot on SQLite (no write lock, so readers never wait for writers). Writes ru
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -42,7 +43,9 @@ I, D = schema.inode, schema.dentry  # noqa: E741
 class Meta:
     """A namespace client over one database (see the module docstring)."""
 
-    def __init__(self, engine: Engine, config: MetaConfig | None = None, *, check_version: bool = True) -> None:
+    def __init__(
+        self, engine: Engine, config: MetaConfig | None = None, *, check_version: bool = True
+    ) -> None:
         self.engine = engine
         self.config = config or MetaConfig()
         if check_version:
@@ -50,7 +53,9 @@ class Meta:
         self._runner = Runner(engine, self.config)
         # PostgreSQL: autocommit (no BEGIN/COMMIT round trips; READ COMMITTED gives no more).
         # SQLite: a deferred snapshot (BEGIN, not BEGIN IMMEDIATE) that never takes the lock.
-        read_opts = {"appendfs_read_only": True} if is_sqlite(engine) else {"isolation_level": "AUTOCOMMIT"}
+        read_opts = (
+            {"appendfs_read_only": True} if is_sqlite(engine) else {"isolation_level": "AUTOCOMMIT"}
+        )
         self._reader = Runner(engine.execution_options(**read_opts), self.config, writer=False)
         self._inos = IdAllocator(self._runner, schema.NEXT_INO, self.config.ino_batch)
         self._sids = IdAllocator(self._runner, schema.NEXT_SID, 1)
@@ -58,8 +63,9 @@ class Meta:
         self._open_counts: dict[tuple[int, int], int] = {}
 
     @classmethod
-    def open(cls, url: str, config: MetaConfig | None = None, **engine_kw: object) -> Meta:
-        return cls(make_engine(url, **engine_kw), config)  # type: ignore[arg-type]
+    def from_url(cls, url: str, config: MetaConfig | None = None, *, pool_size: int = 8) -> Meta:
+        """Open META_URL; no pre-ping (the runner retries on unreachable errors itself)."""
+        return cls(make_engine(url, pool_size=pool_size, pre_ping=False), config)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -85,7 +91,9 @@ class Meta:
         n = ops.check_name(name)
         return self._read("lookup", lambda c: ops.lookup(c, parent, n))
 
-    def resolve_path(self, path: bytes | str, *, root: int = schema.ROOT_INO, follow_last: bool = True) -> Attr:
+    def resolve_path(
+        self, path: bytes | str, *, root: int = schema.ROOT_INO, follow_last: bool = True
+    ) -> Attr:
         p = ops.to_bytes(path)
         if len(p) >= ops.PATH_MAX:
             raise FsError(ops.errno.ENAMETOOLONG, f"path of {len(p)} bytes")
@@ -94,7 +102,9 @@ class Meta:
     def readlink(self, ino: int) -> bytes:
         return self._read("readlink", lambda c: ops.readlink(c, ino))
 
-    def readdir(self, ino: int, after: bytes | None = None, limit: int = 1000, *, plus: bool = False) -> list[DirEntry]:
+    def readdir(
+        self, ino: int, after: bytes | None = None, limit: int = 1000, *, plus: bool = False
+    ) -> list[DirEntry]:
         """Entries of directory ``ino`` with name > ``after`` in bytewise name order.
 
         Pass the last name returned as ``after`` to continue: an entry that exists during
@@ -107,13 +117,25 @@ class Meta:
 
     # --- creation ------------------------------------------------------------------------
 
-    def _make(self, what: str, parent: int, name: bytes | str, kind: int, mode: int, uid: int, gid: int,
-              rdev: int = 0, target: bytes | None = None) -> Attr:
+    def _make(
+        self,
+        what: str,
+        parent: int,
+        name: bytes | str,
+        kind: int,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> Attr:
         n = ops.check_name(name)
         new = ops.NewInode(self._inos.next(), kind, mode, uid, gid, rdev, target)
         return self._write(what, lambda c: ops.make(c, parent, n, new, time.time_ns(), self._gran))
 
-    def mknod(self, parent: int, name: bytes | str, mode: int, uid: int, gid: int, rdev: int = 0) -> Attr:
+    def mknod(
+        self, parent: int, name: bytes | str, mode: int, uid: int, gid: int, rdev: int = 0
+    ) -> Attr:
         """Create a non-directory named by ``mode``'s S_IFMT (0 means a regular file)."""
         kind = stat.S_IFMT(mode) or stat.S_IFREG
         if kind not in schema.KINDS or kind in (stat.S_IFDIR, stat.S_IFLNK):
@@ -126,7 +148,9 @@ class Meta:
     def mkdir(self, parent: int, name: bytes | str, mode: int, uid: int, gid: int) -> Attr:
         return self._make("mkdir", parent, name, stat.S_IFDIR, mode, uid, gid)
 
-    def symlink(self, parent: int, name: bytes | str, target: bytes | str, uid: int, gid: int) -> Attr:
+    def symlink(
+        self, parent: int, name: bytes | str, target: bytes | str, uid: int, gid: int
+    ) -> Attr:
         t = ops.to_bytes(target)
         if not t or b"\0" in t:
             raise FsError(ops.errno.ENOENT if not t else ops.errno.EINVAL, "bad symlink target")
@@ -148,16 +172,29 @@ class Meta:
         n = ops.check_name(name)
         self._write("rmdir", lambda c: ops.rmdir(c, parent, n, time.time_ns()))
 
-    def rename(self, parent: int, name: bytes | str, new_parent: int, new_name: bytes | str, flags: int = 0) -> None:
+    def rename(
+        self, parent: int, name: bytes | str, new_parent: int, new_name: bytes | str, flags: int = 0
+    ) -> None:
         """rename/renameat2: flags 0, RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2)."""
         a, b = ops.check_name(name), ops.check_name(new_name)
-        self._write("rename", lambda c: ops.rename(c, parent, a, new_parent, b, flags, time.time_ns()))
+        self._write(
+            "rename", lambda c: ops.rename(c, parent, a, new_parent, b, flags, time.time_ns())
+        )
 
     # --- attributes and xattrs -----------------------------------------------------------
 
-    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
-                ctime_ns: int | None = None) -> Attr:
+    def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Attr:
         ch = ops.SetAttr(mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns)
         return self._write("setattr", lambda c: ops.setattr_(c, ino, ch, time.time_ns()))
 
@@ -179,7 +216,9 @@ class Meta:
 
     # --- file data -----------------------------------------------------------------------
 
-    def commit_slices(self, ino: int, new: Sequence[sl.NewSlice], *, mtime_ns: int | None = None) -> Attr:
+    def commit_slices(
+        self, ino: int, new: Sequence[sl.NewSlice], *, mtime_ns: int | None = None
+    ) -> Attr:
         """Add slices (already durable in the store) and grow size/mtime, atomically.
 
         Later slices in ``new`` win over earlier ones and over everything committed before.
@@ -208,10 +247,14 @@ class Meta:
 
     def replace_slices(self, ino: int, expect_slice_seq: int, new: Sequence[sl.NewSlice]) -> bool:
         items = list(new)
-        return self._write("replace_slices", lambda c: data.replace_slices(c, ino, expect_slice_seq, items))
+        return self._write(
+            "replace_slices", lambda c: data.replace_slices(c, ino, expect_slice_seq, items)
+        )
 
     def repoint_slice(self, ino: int, old: sl.Slice, new_extent_id: int, new_ext_off: int) -> bool:
-        return self._write("repoint_slice", lambda c: data.repoint_slice(c, old, ino, new_extent_id, new_ext_off))
+        return self._write(
+            "repoint_slice", lambda c: data.repoint_slice(c, old, ino, new_extent_id, new_ext_off)
+        )
 
     def slices_in_extent(self, extent_id: int) -> list[tuple[int, sl.Slice]]:
         return self._read("slices_in_extent", lambda c: data.slices_in_extent(c, extent_id))
@@ -239,7 +282,9 @@ class Meta:
     def open_session(self, owner: str | None = None) -> int:
         sid = self._sids.next()
         who = owner or f"{socket.gethostname()}:{os.getpid()}"
-        self._write("open_session", lambda c: data.open_session(c, sid, who, time.time_ns(), self._ttl_ns()))
+        self._write(
+            "open_session", lambda c: data.open_session(c, sid, who, time.time_ns(), self._ttl_ns())
+        )
         return sid
 
     def heartbeat(self, sid: int) -> None:
@@ -252,7 +297,11 @@ class Meta:
             n = self._open_counts.get(key, 0)
             self._open_counts[key] = n + 1
         try:
-            return self._write("open", lambda c: data.open_file(c, sid, ino)) if n == 0 else self.getattr(ino)
+            return (
+                self._write("open", lambda c: data.open_file(c, sid, ino))
+                if n == 0
+                else self.getattr(ino)
+            )
         except BaseException:
             self._forget(key)
             raise
@@ -275,24 +324,39 @@ class Meta:
         with self._open_lock:
             for key in [k for k in self._open_counts if k[0] == sid]:
                 del self._open_counts[key]
-        self._write("close_session", lambda c: data.end_session(c, sid, time.time_ns(), only_if_expired=False))
+        self._write(
+            "close_session",
+            lambda c: data.end_session(c, sid, time.time_ns(), only_if_expired=False),
+        )
 
     def clean_dead_sessions(self, now_ns: int | None = None, limit: int = 100) -> int:
         """End sessions whose heartbeat deadline passed; returns how many this call ended."""
         now = time.time_ns() if now_ns is None else now_ns
         done = 0
         for sid in self._read("expired_sessions", lambda c: data.expired_sessions(c, now, limit)):
-            ended = self._write("clean_session",
-                                lambda c, s=sid: data.end_session(c, s, now, only_if_expired=True))  # type: ignore[misc]
-            done += int(ended)
+            done += int(
+                self._write("clean_session", functools.partial(_end_expired, sid=sid, now=now))
+            )
         return done
 
     # --- S3 listing ----------------------------------------------------------------------
 
-    def list_subtree(self, dir_ino: int, *, prefix: bytes = b"", delimiter: bytes | None = None,
-                     start_after: bytes | None = None, max_keys: int = 1000) -> ListResult:
+    def list_subtree(
+        self,
+        dir_ino: int,
+        *,
+        prefix: bytes = b"",
+        delimiter: bytes | None = None,
+        start_after: bytes | None = None,
+        max_keys: int = 1000,
+    ) -> ListResult:
         """List regular files under ``dir_ino`` as keys in byte order (S3 ListObjectsV2)."""
-        return self._read("list_subtree", lambda c: listing.list_page(_SqlSource(c), dir_ino, prefix, delimiter, start_after, max_keys))
+        return self._read(
+            "list_subtree",
+            lambda c: listing.list_page(
+                _SqlSource(c), dir_ino, prefix, delimiter, start_after, max_keys
+            ),
+        )
 
     # --- checking ------------------------------------------------------------------------
 
@@ -301,19 +365,26 @@ class Meta:
         return self._read("check_invariants", check.check_invariants)
 
 
+def _end_expired(conn: sa.Connection, *, sid: int, now: int) -> bool:
+    return data.end_session(conn, sid, now, only_if_expired=True)
+
+
 class _SqlSource:
     """:class:`appendfs.meta.listing.Source` over the dentry index."""
 
     def __init__(self, conn: sa.Connection) -> None:
         self.conn = conn
 
-    def _q(self) -> sa.Select:  # type: ignore[type-arg]
+    def _q(self) -> sa.Select[Any]:
         return sa.select(D.c.name, D.c.ino, D.c.kind, I.c.size, I.c.mtime_ns).select_from(
-            D.join(I, I.c.ino == D.c.ino))
+            D.join(I, I.c.ino == D.c.ino)
+        )
 
     def page(self, dir_ino: int, lo: bytes, inclusive: bool, limit: int) -> list[listing.Entry]:
         cond = D.c.name >= lo if inclusive else D.c.name > lo
-        rows = self.conn.execute(self._q().where(D.c.parent == dir_ino, cond).order_by(D.c.name).limit(limit))
+        rows = self.conn.execute(
+            self._q().where(D.c.parent == dir_ino, cond).order_by(D.c.name).limit(limit)
+        )
         return [listing.Entry(bytes(r.name), r.ino, r.kind, r.size, r.mtime_ns) for r in rows]
 
     def named(self, dir_ino: int, names: Sequence[bytes]) -> list[listing.Entry]:

@@ -9,7 +9,7 @@ moves size/mtime/gen (DESIGN §3). Reads load the slice list and resolve it with
 functions of :mod:`appendfs.meta.slices`. When the last name and the last open handle of
 a file are gone, its inode row is deleted and a ``delfile`` row queues its slices; the
 GC purges them with :func:`purge_deleted` and computes garbage per sealed extent as
-sealed length − :func:`live_bytes`.
+sealed length - :func:`live_bytes`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from __future__ import annotations
 import errno
 import stat
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 
 from appendfs.meta import schema
 from appendfs.meta import slices as sl
 from appendfs.meta.errors import FsError, SessionExpired
-from appendfs.meta.ops import destroy_inode, get_attr, update_inode
+from appendfs.meta.ops import destroy_inode, get_attr, is_open, update_inode
 from appendfs.meta.txn import Retry
 from appendfs.meta.types import Attr
 
@@ -35,7 +36,7 @@ DF = schema.delfile
 _SLICE_COLS = [S.c.id, S.c.ino, S.c.seq, S.c.file_off, S.c.length, S.c.extent_id, S.c.ext_off]
 
 
-def _row_slice(r: sa.Row) -> sl.Slice:  # type: ignore[type-arg]
+def _row_slice(r: sa.Row[Any]) -> sl.Slice:
     return sl.Slice(r.seq, r.file_off, r.length, r.extent_id, r.ext_off, r.id)
 
 
@@ -44,20 +45,33 @@ def _file_for_write(conn: sa.Connection, ino: int) -> Attr:
     if a is None:
         raise FsError(errno.ENOENT, f"inode {ino} does not exist")
     if a.kind != stat.S_IFREG:
-        raise FsError(errno.EISDIR if a.is_dir else errno.EINVAL, f"inode {ino} is not a regular file")
+        raise FsError(
+            errno.EISDIR if a.is_dir else errno.EINVAL, f"inode {ino} is not a regular file"
+        )
     return a
 
 
 def _insert_slices(conn: sa.Connection, a: Attr, new: Sequence[sl.NewSlice]) -> int:
     """Insert ``new`` with seqs after a.slice_seq (later in the list wins); return last seq."""
-    rows = [{"ino": a.ino, "seq": a.slice_seq + i + 1, "file_off": s.file_off, "length": s.length,
-             "extent_id": s.extent_id, "ext_off": s.ext_off} for i, s in enumerate(new)]
+    rows = [
+        {
+            "ino": a.ino,
+            "seq": a.slice_seq + i + 1,
+            "file_off": s.file_off,
+            "length": s.length,
+            "extent_id": s.extent_id,
+            "ext_off": s.ext_off,
+        }
+        for i, s in enumerate(new)
+    ]
     if rows:
         conn.execute(S.insert(), rows)
     return a.slice_seq + len(rows)
 
 
-def commit_slices(conn: sa.Connection, ino: int, new: Sequence[sl.NewSlice], mtime_ns: int, now: int) -> Attr:
+def commit_slices(
+    conn: sa.Connection, ino: int, new: Sequence[sl.NewSlice], mtime_ns: int, now: int
+) -> Attr:
     a = _file_for_write(conn, ino)
     seq = _insert_slices(conn, a, new)
     size = max([a.size, *(s.file_off + s.length for s in new)])
@@ -85,7 +99,9 @@ def compact(conn: sa.Connection, ino: int, now: int) -> tuple[int, int]:
     return len(old), len(new)
 
 
-def replace_slices(conn: sa.Connection, ino: int, expect_slice_seq: int, new: Sequence[sl.NewSlice]) -> bool:
+def replace_slices(
+    conn: sa.Connection, ino: int, expect_slice_seq: int, new: Sequence[sl.NewSlice]
+) -> bool:
     """Swap the whole slice list for ``new`` (compaction by copy) unless the file changed.
 
     The caller read the file at ``expect_slice_seq`` and copied its visible bytes; any write
@@ -99,12 +115,23 @@ def replace_slices(conn: sa.Connection, ino: int, expect_slice_seq: int, new: Se
     return True
 
 
-def repoint_slice(conn: sa.Connection, old: sl.Slice, ino: int, new_extent_id: int, new_ext_off: int) -> bool:
+def repoint_slice(
+    conn: sa.Connection, old: sl.Slice, ino: int, new_extent_id: int, new_ext_off: int
+) -> bool:
     """GC: move one slice to a copy of its bytes, only if the row is exactly as read."""
-    res = conn.execute(sa.update(S).where(
-        S.c.id == old.id, S.c.ino == ino, S.c.seq == old.seq, S.c.file_off == old.file_off,
-        S.c.length == old.length, S.c.extent_id == old.extent_id, S.c.ext_off == old.ext_off,
-    ).values(extent_id=new_extent_id, ext_off=new_ext_off))
+    res = conn.execute(
+        sa.update(S)
+        .where(
+            S.c.id == old.id,
+            S.c.ino == ino,
+            S.c.seq == old.seq,
+            S.c.file_off == old.file_off,
+            S.c.length == old.length,
+            S.c.extent_id == old.extent_id,
+            S.c.ext_off == old.ext_off,
+        )
+        .values(extent_id=new_extent_id, ext_off=new_ext_off)
+    )
     return res.rowcount == 1
 
 
@@ -116,7 +143,11 @@ def slices_in_extent(conn: sa.Connection, extent_id: int) -> list[tuple[int, sl.
 def referenced_bytes(conn: sa.Connection, extent_ids: Iterable[int]) -> dict[int, int]:
     """Sum of slice lengths per extent: an upper bound of live bytes (exact when compacted)."""
     ids = list(extent_ids)
-    q = sa.select(S.c.extent_id, sa.func.sum(S.c.length)).where(S.c.extent_id.in_(ids)).group_by(S.c.extent_id)
+    q = (
+        sa.select(S.c.extent_id, sa.func.sum(S.c.length))
+        .where(S.c.extent_id.in_(ids))
+        .group_by(S.c.extent_id)
+    )
     out = dict.fromkeys(ids, 0)
     out.update({int(e): int(n) for e, n in conn.execute(q)})
     return out
@@ -141,7 +172,11 @@ def live_bytes(conn: sa.Connection, extent_ids: Iterable[int]) -> dict[int, int]
 
 
 def delete_queue(conn: sa.Connection, limit: int) -> list[tuple[int, int, int]]:
-    q = sa.select(DF.c.ino, DF.c.size, DF.c.queued_ns).order_by(DF.c.queued_ns, DF.c.ino).limit(limit)
+    q = (
+        sa.select(DF.c.ino, DF.c.size, DF.c.queued_ns)
+        .order_by(DF.c.queued_ns, DF.c.ino)
+        .limit(limit)
+    )
     return [(r.ino, r.size, r.queued_ns) for r in conn.execute(q)]
 
 
@@ -162,11 +197,16 @@ def purge_deleted(conn: sa.Connection, ino: int, batch: int) -> bool:
 
 
 def open_session(conn: sa.Connection, sid: int, owner: str, now: int, ttl_ns: int) -> None:
-    conn.execute(SE.insert().values(sid=sid, owner=owner[:255], started_ns=now, expires_ns=now + ttl_ns))
+    conn.execute(
+        SE.insert().values(sid=sid, owner=owner[:255], started_ns=now, expires_ns=now + ttl_ns)
+    )
 
 
 def heartbeat(conn: sa.Connection, sid: int, now: int, ttl_ns: int) -> None:
-    if conn.execute(sa.update(SE).where(SE.c.sid == sid).values(expires_ns=now + ttl_ns)).rowcount != 1:
+    if (
+        conn.execute(sa.update(SE).where(SE.c.sid == sid).values(expires_ns=now + ttl_ns)).rowcount
+        != 1
+    ):
         raise SessionExpired(f"session {sid} was declared dead and cleaned up; reopen files")
 
 
@@ -175,11 +215,21 @@ def open_file(conn: sa.Connection, sid: int, ino: int) -> Attr:
     a = get_attr(conn, ino, lock="key_share")
     if a is None:
         raise FsError(errno.ENOENT, f"inode {ino} does not exist")
-    held = conn.execute(sa.select(SS.c.sid).where(SS.c.sid == sid, SS.c.ino == ino)).first() is not None
+    held = (
+        conn.execute(sa.select(SS.c.sid).where(SS.c.sid == sid, SS.c.ino == ino)).first()
+        is not None
+    )
     if a.nlink == 0 and not held:
         raise FsError(errno.ENOENT, f"inode {ino} was unlinked")
     if not held:
-        if conn.execute(sa.select(SE.c.sid).where(SE.c.sid == sid).with_for_update(read=True, key_share=True)).first() is None:
+        if (
+            conn.execute(
+                sa.select(SE.c.sid)
+                .where(SE.c.sid == sid)
+                .with_for_update(read=True, key_share=True)
+            ).first()
+            is None
+        ):
             raise SessionExpired(f"session {sid} was declared dead and cleaned up")
         conn.execute(SS.insert().values(sid=sid, ino=ino))
     return a
@@ -189,9 +239,8 @@ def release_file(conn: sa.Connection, sid: int, ino: int, now: int) -> None:
     """Session ``sid`` closed its last handle of ``ino``; an unlinked inode may now go."""
     a = get_attr(conn, ino, lock="delete")
     conn.execute(sa.delete(SS).where(SS.c.sid == sid, SS.c.ino == ino))
-    if a is not None and a.nlink == 0:
-        if conn.execute(sa.select(SS.c.sid).where(SS.c.ino == ino).limit(1)).first() is None:
-            destroy_inode(conn, a, now)
+    if a is not None and a.nlink == 0 and not is_open(conn, ino):
+        destroy_inode(conn, a, now)
 
 
 def end_session(conn: sa.Connection, sid: int, now: int, only_if_expired: bool) -> bool:
@@ -200,7 +249,9 @@ def end_session(conn: sa.Connection, sid: int, now: int, only_if_expired: bool) 
     row = conn.execute(q).first()
     if row is None or (only_if_expired and row.expires_ns >= now):
         return False
-    inos = conn.execute(sa.select(SS.c.ino).where(SS.c.sid == sid).order_by(SS.c.ino)).scalars().all()
+    inos = (
+        conn.execute(sa.select(SS.c.ino).where(SS.c.sid == sid).order_by(SS.c.ino)).scalars().all()
+    )
     for ino in inos:
         release_file(conn, sid, ino, now)
     if conn.execute(sa.delete(SE).where(SE.c.sid == sid)).rowcount != 1:

@@ -82,8 +82,15 @@ def _stream(src: Source, dir_ino: int, lo: bytes, prefix: bytes, page: int) -> I
         lo, inclusive = rows[-1].name, False
 
 
-def iter_keys(src: Source, dir_ino: int, base: bytes, after: bytes | None, prefix: bytes,
-              delimit: bool, page: int = 1000) -> Iterator[Item]:
+def iter_keys(
+    src: Source,
+    dir_ino: int,
+    base: bytes,
+    after: bytes | None,
+    prefix: bytes,
+    delimit: bool,
+    page: int = 1000,
+) -> Iterator[Item]:
     """Items under directory ``dir_ino`` (whose keys start with ``base``) in key order.
 
     ``after``: only keys greater than ``base + after``. ``prefix``: only names starting with
@@ -96,7 +103,11 @@ def iter_keys(src: Source, dir_ino: int, base: bytes, after: bytes | None, prefi
         lo = max(lo, first)
         # Directories named by a proper prefix of `first` followed by a byte below '/' have
         # keys after `after` although their names sort before `first`.
-        cands = [first[:i] for i in range(1, len(first)) if first[i] < SLASH[0] and first[:i].startswith(prefix)]
+        cands = [
+            first[:i]
+            for i in range(1, len(first))
+            if first[i] < SLASH[0] and first[:i].startswith(prefix)
+        ]
         for e in src.named(dir_ino, cands) if cands else ():
             if e.is_dir:
                 heapq.heappush(heap, _Pending(e.sort_key, e))
@@ -108,7 +119,9 @@ def iter_keys(src: Source, dir_ino: int, base: bytes, after: bytes | None, prefi
         yield from _emit(src, heapq.heappop(heap).entry, base, after, delimit, page)
 
 
-def _emit(src: Source, e: Entry, base: bytes, after: bytes | None, delimit: bool, page: int) -> Iterator[Item]:
+def _emit(
+    src: Source, e: Entry, base: bytes, after: bytes | None, delimit: bool, page: int
+) -> Iterator[Item]:
     if not e.is_dir:
         if e.kind == stat.S_IFREG and (after is None or e.name > after):
             yield Item(base + e.name, e, False)
@@ -117,11 +130,13 @@ def _emit(src: Source, e: Entry, base: bytes, after: bytes | None, delimit: bool
     inside = after is not None and after.startswith(key)
     if after is not None and not inside and key <= after:
         return
-    sub_after = after[len(key):] if inside and after is not None else None
+    sub_after = after[len(key) :] if inside and after is not None else None
     if delimit:
         # S3 shows a common prefix only when some key under it is listed: skip directories
         # without files (after start-after) and the prefix a continuation token names.
-        if not (inside and after == key) and next(iter_keys(src, e.ino, b"", sub_after, b"", False, 1), None):
+        if not (inside and after == key) and next(
+            iter_keys(src, e.ino, b"", sub_after, b"", False, 1), None
+        ):
             yield Item(base + key, e, True)
         return
     yield from iter_keys(src, e.ino, base + key, sub_after, b"", False, page)
@@ -138,18 +153,20 @@ def relative_after(start_after: bytes | None, base: bytes) -> tuple[bool, bytes 
     if not start_after or start_after < base:
         return True, None
     if start_after.startswith(base):
-        return True, start_after[len(base):]
+        return True, start_after[len(base) :]
     return False, None
 
 
-def roll_up(items: Iterator[Item], prefix: bytes, delimiter: bytes, start_after: bytes | None) -> Iterator[Item]:
+def roll_up(
+    items: Iterator[Item], prefix: bytes, delimiter: bytes, start_after: bytes | None
+) -> Iterator[Item]:
     """Common prefixes for a delimiter other than '/' (keys arrive in order, so runs are contiguous).
 
     A common prefix equal to ``start_after`` (a continuation token) is not shown again.
     """
     last = start_after
     for it in items:
-        rest = it.key[len(prefix):]
+        rest = it.key[len(prefix) :]
         cut = rest.find(delimiter)
         if cut < 0:
             yield it
@@ -160,8 +177,14 @@ def roll_up(items: Iterator[Item], prefix: bytes, delimiter: bytes, start_after:
             yield Item(cp, it.entry, True)
 
 
-def list_page(src: Source, dir_ino: int, prefix: bytes, delimiter: bytes | None, start_after: bytes | None,
-              max_keys: int) -> ListResult:
+def list_page(
+    src: Source,
+    dir_ino: int,
+    prefix: bytes,
+    delimiter: bytes | None,
+    start_after: bytes | None,
+    max_keys: int,
+) -> ListResult:
     """One page of ListObjectsV2 over the subtree of ``dir_ino`` (the bucket directory)."""
     empty = ListResult([], [], False, None)
     dirs, name_prefix = split_prefix(prefix)

@@ -57,8 +57,22 @@ XATTR_REPLACE = 2
 #: Deeper than this, an ancestor walk means the tree is corrupt (cycle).
 MAX_DEPTH = 100_000
 
-_ATTR_COLS = [I.c.ino, I.c.kind, I.c.mode, I.c.uid, I.c.gid, I.c.nlink, I.c.size, I.c.atime_ns,
-              I.c.mtime_ns, I.c.ctime_ns, I.c.rdev, I.c.parent, I.c.gen, I.c.slice_seq]
+_ATTR_COLS = [
+    I.c.ino,
+    I.c.kind,
+    I.c.mode,
+    I.c.uid,
+    I.c.gid,
+    I.c.nlink,
+    I.c.size,
+    I.c.atime_ns,
+    I.c.mtime_ns,
+    I.c.ctime_ns,
+    I.c.rdev,
+    I.c.parent,
+    I.c.gen,
+    I.c.slice_seq,
+]
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -81,8 +95,22 @@ def check_name(name: bytes | str) -> bytes:
 
 
 def row_attr(row: Any) -> Attr:
-    return Attr(row.ino, row.kind, row.mode, row.uid, row.gid, row.nlink, row.size, row.atime_ns,
-                row.mtime_ns, row.ctime_ns, row.rdev, row.parent, row.gen, row.slice_seq)
+    return Attr(
+        row.ino,
+        row.kind,
+        row.mode,
+        row.uid,
+        row.gid,
+        row.nlink,
+        row.size,
+        row.atime_ns,
+        row.mtime_ns,
+        row.ctime_ns,
+        row.rdev,
+        row.parent,
+        row.gen,
+        row.slice_seq,
+    )
 
 
 def get_attr(conn: sa.Connection, ino: int, lock: str | None = None) -> Attr | None:
@@ -103,7 +131,9 @@ def get_attr(conn: sa.Connection, ino: int, lock: str | None = None) -> Attr | N
     return None if row is None else row_attr(row)
 
 
-def lock_inodes(conn: sa.Connection, inos: Iterable[int], delete: Iterable[int] = ()) -> dict[int, Attr]:
+def lock_inodes(
+    conn: sa.Connection, inos: Iterable[int], delete: Iterable[int] = ()
+) -> dict[int, Attr]:
     """Lock the existing rows among ``inos`` in ascending order; return them.
 
     Rows in ``delete`` are locked FOR UPDATE (we may delete them), others FOR NO KEY UPDATE.
@@ -136,7 +166,9 @@ def insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) 
 
 
 def get_dentry(conn: sa.Connection, parent: int, name: bytes) -> tuple[int, int] | None:
-    row = conn.execute(sa.select(D.c.ino, D.c.kind).where(D.c.parent == parent, D.c.name == name)).first()
+    row = conn.execute(
+        sa.select(D.c.ino, D.c.kind).where(D.c.parent == parent, D.c.name == name)
+    ).first()
     return None if row is None else (row.ino, row.kind)
 
 
@@ -203,8 +235,11 @@ def delete_dentry(conn: sa.Connection, parent: int, name: bytes, ino: int) -> No
 
 
 def point_dentry(conn: sa.Connection, parent: int, name: bytes, old_ino: int, new: Attr) -> None:
-    res = conn.execute(sa.update(D).where(D.c.parent == parent, D.c.name == name, D.c.ino == old_ino)
-                       .values(ino=new.ino, kind=new.kind))
+    res = conn.execute(
+        sa.update(D)
+        .where(D.c.parent == parent, D.c.name == name, D.c.ino == old_ino)
+        .values(ino=new.ino, kind=new.kind)
+    )
     if res.rowcount != 1:
         raise Retry(f"entry {name!r} in {parent} changed under us")
 
@@ -220,8 +255,11 @@ def getattr_(conn: sa.Connection, ino: int) -> Attr:
 
 
 def lookup(conn: sa.Connection, parent: int, name: bytes) -> Attr:
-    q = sa.select(*_ATTR_COLS).select_from(D.join(I, I.c.ino == D.c.ino)).where(
-        D.c.parent == parent, D.c.name == name)
+    q = (
+        sa.select(*_ATTR_COLS)
+        .select_from(D.join(I, I.c.ino == D.c.ino))
+        .where(D.c.parent == parent, D.c.name == name)
+    )
     row = conn.execute(q).first()
     if row is None:
         raise missing_entry(conn, parent, name)
@@ -237,7 +275,9 @@ def readlink(conn: sa.Connection, ino: int) -> bytes:
     return bytes(row.target)
 
 
-def readdir(conn: sa.Connection, ino: int, after: bytes | None, limit: int, plus: bool) -> list[DirEntry]:
+def readdir(
+    conn: sa.Connection, ino: int, after: bytes | None, limit: int, plus: bool
+) -> list[DirEntry]:
     if plus:
         q = sa.select(D.c.name, D.c.kind, *_ATTR_COLS).select_from(D.join(I, I.c.ino == D.c.ino))
     else:
@@ -252,7 +292,9 @@ def readdir(conn: sa.Connection, ino: int, after: bytes | None, limit: int, plus
 
 
 def statfs(conn: sa.Connection) -> StatFs:
-    inodes, used = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(I.c.size), 0))).one()
+    inodes, used = conn.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(I.c.size), 0))
+    ).one()
     dt = schema.delfile
     pending = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(dt.c.size), 0))).scalar_one()
     return StatFs(int(inodes), int(used), int(pending))
@@ -302,14 +344,30 @@ class NewInode:
     target: bytes | None = None
 
 
-def make(conn: sa.Connection, parent: int, name: bytes, new: NewInode, now: int, granularity_ns: int) -> Attr:
+def make(
+    conn: sa.Connection, parent: int, name: bytes, new: NewInode, now: int, granularity_ns: int
+) -> Attr:
     """mknod/create/mkdir/symlink: one new inode and its entry in ``parent``."""
     p = get_attr(conn, parent, lock="key_share")
     require_dir(conn, parent, p)
     is_dir = new.kind == stat.S_IFDIR
     size = len(new.target) if new.target is not None else 0
-    a = Attr(new.ino, new.kind, new.mode & 0o7777, new.uid, new.gid, 2 if is_dir else 1, size,
-             now, now, now, new.rdev, parent if is_dir else 0, 0, 0)
+    a = Attr(
+        new.ino,
+        new.kind,
+        new.mode & 0o7777,
+        new.uid,
+        new.gid,
+        2 if is_dir else 1,
+        size,
+        now,
+        now,
+        now,
+        new.rdev,
+        parent if is_dir else 0,
+        0,
+        0,
+    )
     conn.execute(I.insert().values(**dataclasses.asdict(a)))
     if not insert_ignore(conn, D, {"parent": parent, "name": name, "ino": a.ino, "kind": a.kind}):
         raise FsError(errno.EEXIST, f"{name[:64]!r} exists in directory {parent}")
@@ -317,8 +375,11 @@ def make(conn: sa.Connection, parent: int, name: bytes, new: NewInode, now: int,
         conn.execute(schema.symlink.insert().values(ino=a.ino, target=new.target))
     if is_dir:
         # nlink + 1 for the new '..'; a relative update so concurrent mkdirs just queue.
-        conn.execute(sa.update(I).where(I.c.ino == parent).values(
-            nlink=I.c.nlink + 1, mtime_ns=now, ctime_ns=now, gen=I.c.gen + 1))
+        conn.execute(
+            sa.update(I)
+            .where(I.c.ino == parent)
+            .values(nlink=I.c.nlink + 1, mtime_ns=now, ctime_ns=now, gen=I.c.gen + 1)
+        )
     else:
         touch_dir(conn, parent, now, granularity_ns)
     return a
@@ -420,7 +481,9 @@ def _rename_checks(r: _Rename) -> bool:
     return not (r.dst is not None and r.dst[0] == r.src[0])
 
 
-def rename(conn: sa.Connection, sp: int, sn: bytes, dp: int, dn: bytes, flags: int, now: int) -> None:
+def rename(
+    conn: sa.Connection, sp: int, sn: bytes, dp: int, dn: bytes, flags: int, now: int
+) -> None:
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
         raise FsError(errno.EINVAL, f"bad rename flags {flags:#x}")
     src = get_dentry(conn, sp, sn)
@@ -430,19 +493,34 @@ def rename(conn: sa.Connection, sp: int, sn: bytes, dp: int, dn: bytes, flags: i
     r = _Rename(sp, sn, dp, dn, flags, src, get_dentry(conn, dp, dn))
     if not _rename_checks(r):
         return
-    moves_dir = sp != dp and (src[1] == stat.S_IFDIR or (
-        flags & RENAME_EXCHANGE and r.dst is not None and r.dst[1] == stat.S_IFDIR))
+    moves_dir = sp != dp and (
+        src[1] == stat.S_IFDIR
+        or (flags & RENAME_EXCHANGE and r.dst is not None and r.dst[1] == stat.S_IFDIR)
+    )
     if moves_dir:
         c = schema.counter
-        conn.execute(sa.select(c.c.value).where(c.c.name == schema.RENAME_LOCK).with_for_update()).one()
+        conn.execute(
+            sa.select(c.c.value).where(c.c.name == schema.RENAME_LOCK).with_for_update()
+        ).one()
     inos = {sp, dp, src[0]} | ({r.dst[0]} if r.dst else set())
-    locked = lock_inodes(conn, inos, delete=(r.dst[0],) if r.dst and not flags & RENAME_EXCHANGE else ())
-    if get_dentry(conn, sp, sn) != src or get_dentry(conn, dp, dn) != r.dst or not inos <= locked.keys():
+    locked = lock_inodes(
+        conn, inos, delete=(r.dst[0],) if r.dst and not flags & RENAME_EXCHANGE else ()
+    )
+    if (
+        get_dentry(conn, sp, sn) != src
+        or get_dentry(conn, dp, dn) != r.dst
+        or not inos <= locked.keys()
+    ):
         raise Retry("entries changed before we locked them")
     if moves_dir:
         if src[1] == stat.S_IFDIR and is_ancestor(conn, src[0], dp):
             raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
-        if r.dst is not None and flags & RENAME_EXCHANGE and r.dst[1] == stat.S_IFDIR and is_ancestor(conn, r.dst[0], sp):
+        if (
+            r.dst is not None
+            and flags & RENAME_EXCHANGE
+            and r.dst[1] == stat.S_IFDIR
+            and is_ancestor(conn, r.dst[0], sp)
+        ):
             raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
     if flags & RENAME_EXCHANGE:
         assert r.dst is not None
@@ -451,7 +529,9 @@ def rename(conn: sa.Connection, sp: int, sn: bytes, dp: int, dn: bytes, flags: i
         _move(conn, r, locked, now)
 
 
-def _parents_update(conn: sa.Connection, locked: dict[int, Attr], deltas: dict[int, int], now: int) -> None:
+def _parents_update(
+    conn: sa.Connection, locked: dict[int, Attr], deltas: dict[int, int], now: int
+) -> None:
     for ino, delta in sorted(deltas.items()):
         p = locked[ino]
         update_inode(conn, p, nlink=p.nlink + delta, mtime_ns=now, ctime_ns=now)
@@ -463,9 +543,13 @@ def _move(conn: sa.Connection, r: _Rename, locked: dict[int, Attr], now: int) ->
     if r.dst is not None:
         b = locked[r.dst[0]]
         if a.is_dir and not b.is_dir:
-            raise FsError(errno.ENOTDIR, f"cannot replace non-directory {r.dn[:64]!r} by a directory")
+            raise FsError(
+                errno.ENOTDIR, f"cannot replace non-directory {r.dn[:64]!r} by a directory"
+            )
         if b.is_dir and not a.is_dir:
-            raise FsError(errno.EISDIR, f"cannot replace directory {r.dn[:64]!r} by a non-directory")
+            raise FsError(
+                errno.EISDIR, f"cannot replace directory {r.dn[:64]!r} by a non-directory"
+            )
         if b.is_dir and not dir_is_empty(conn, b.ino):
             raise FsError(errno.ENOTEMPTY, f"directory {r.dn[:64]!r} is not empty")
         delete_dentry(conn, r.sp, r.sn, a.ino)
@@ -524,9 +608,11 @@ class SetAttr:
 def truncate_slices(conn: sa.Connection, ino: int, new_size: int) -> None:
     """Delete slices past ``new_size`` and shorten those that cross it."""
     conn.execute(sa.delete(S).where(S.c.ino == ino, S.c.file_off >= new_size))
-    conn.execute(sa.update(S).where(S.c.ino == ino, S.c.file_off < new_size,
-                                    S.c.file_off + S.c.length > new_size)
-                 .values(length=new_size - S.c.file_off))
+    conn.execute(
+        sa.update(S)
+        .where(S.c.ino == ino, S.c.file_off < new_size, S.c.file_off + S.c.length > new_size)
+        .values(length=new_size - S.c.file_off)
+    )
 
 
 def setattr_(conn: sa.Connection, ino: int, ch: SetAttr, now: int) -> Attr:
@@ -575,10 +661,17 @@ def getxattr(conn: sa.Connection, ino: int, name: bytes) -> bytes:
 
 def listxattr(conn: sa.Connection, ino: int) -> list[bytes]:
     getattr_(conn, ino)
-    return [bytes(n) for n in conn.execute(sa.select(X.c.name).where(X.c.ino == ino).order_by(X.c.name)).scalars()]
+    return [
+        bytes(n)
+        for n in conn.execute(
+            sa.select(X.c.name).where(X.c.ino == ino).order_by(X.c.name)
+        ).scalars()
+    ]
 
 
-def setxattr(conn: sa.Connection, ino: int, name: bytes, value: bytes, flags: int, now: int) -> None:
+def setxattr(
+    conn: sa.Connection, ino: int, name: bytes, value: bytes, flags: int, now: int
+) -> None:
     if len(value) > XATTR_SIZE_MAX:
         raise FsError(errno.E2BIG, f"xattr value of {len(value)} bytes (max {XATTR_SIZE_MAX})")
     if flags & ~(XATTR_CREATE | XATTR_REPLACE) or flags == XATTR_CREATE | XATTR_REPLACE:

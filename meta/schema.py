@@ -84,10 +84,19 @@ metadata = sa.MetaData()
 meta_schema = sa.Table(
     "meta_schema",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False,
-              comment="Always 1: the table has exactly one row."),
-    sa.Column("version", sa.Integer, nullable=False,
-              comment="SCHEMA_VERSION of the code that formatted the namespace."),
+    sa.Column(
+        "id",
+        sa.Integer,
+        primary_key=True,
+        autoincrement=False,
+        comment="Always 1: the table has exactly one row.",
+    ),
+    sa.Column(
+        "version",
+        sa.Integer,
+        nullable=False,
+        comment="SCHEMA_VERSION of the code that formatted the namespace.",
+    ),
     sa.Column("created_ns", sa.BigInteger, nullable=False, comment="When `appendfs format` ran."),
     sa.CheckConstraint("id = 1", name="meta_schema_one_row"),
     comment="Version of the namespace schema; checked by every process before use.",
@@ -96,60 +105,121 @@ meta_schema = sa.Table(
 counter = sa.Table(
     "counter",
     metadata,
-    sa.Column("name", sa.String(64), primary_key=True,
-              comment="next_ino, next_sid (id spaces) or rename_lock (a lock row)."),
-    sa.Column("value", sa.BigInteger, nullable=False,
-              comment="First id not yet handed out. Clients take batches (value += batch) in a "
-                      "short transaction of their own, so creates never contend on this row."),
+    sa.Column(
+        "name",
+        sa.String(64),
+        primary_key=True,
+        comment="next_ino, next_sid (id spaces) or rename_lock (a lock row).",
+    ),
+    sa.Column(
+        "value",
+        sa.BigInteger,
+        nullable=False,
+        comment="First id not yet handed out. Clients take batches (value += batch) in a "
+        "short transaction of their own, so creates never contend on this row.",
+    ),
     comment="Id allocators. Ids are never reused; a crashed client leaves harmless gaps.",
 )
 
 inode = sa.Table(
     "inode",
     metadata,
-    sa.Column("ino", sa.BigInteger, primary_key=True, autoincrement=False,
-              comment="Inode number, never reused. 1 is the root directory."),
-    sa.Column("kind", sa.Integer, nullable=False,
-              comment="S_IFMT bits of st_mode (S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR, S_IFBLK, "
-                      "S_IFIFO, S_IFSOCK). Never changes."),
+    sa.Column(
+        "ino",
+        sa.BigInteger,
+        primary_key=True,
+        autoincrement=False,
+        comment="Inode number, never reused. 1 is the root directory.",
+    ),
+    sa.Column(
+        "kind",
+        sa.Integer,
+        nullable=False,
+        comment="S_IFMT bits of st_mode (S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR, S_IFBLK, "
+        "S_IFIFO, S_IFSOCK). Never changes.",
+    ),
     sa.Column("mode", sa.Integer, nullable=False, comment="Permission bits only (& 0o7777)."),
     sa.Column("uid", sa.BigInteger, nullable=False, comment="Owner user id."),
     sa.Column("gid", sa.BigInteger, nullable=False, comment="Owner group id."),
-    sa.Column("nlink", sa.BigInteger, nullable=False,
-              comment="Non-directory: number of dentries naming it (0 = unlinked but held "
-                      "open by a sustained row). Directory: 2 + number of subdirectories."),
-    sa.Column("size", sa.BigInteger, nullable=False,
-              comment="File size in bytes; every slice ends at or before it. Symlink: length "
-                      "of the target. Directories: 0."),
+    sa.Column(
+        "nlink",
+        sa.BigInteger,
+        nullable=False,
+        comment="Non-directory: number of dentries naming it (0 = unlinked but held "
+        "open by a sustained row). Directory: 2 + number of subdirectories.",
+    ),
+    sa.Column(
+        "size",
+        sa.BigInteger,
+        nullable=False,
+        comment="File size in bytes; every slice ends at or before it. Symlink: length "
+        "of the target. Directories: 0.",
+    ),
     sa.Column("atime_ns", sa.BigInteger, nullable=False, comment="Last access (ns)."),
-    sa.Column("mtime_ns", sa.BigInteger, nullable=False,
-              comment="Last content change (ns). A directory's mtime may lag concurrent "
-                      "creates by at most MetaConfig.dir_mtime_granularity_ns."),
+    sa.Column(
+        "mtime_ns",
+        sa.BigInteger,
+        nullable=False,
+        comment="Last content change (ns). A directory's mtime may lag concurrent "
+        "creates by at most MetaConfig.dir_mtime_granularity_ns.",
+    ),
     sa.Column("ctime_ns", sa.BigInteger, nullable=False, comment="Last status change (ns)."),
-    sa.Column("rdev", sa.BigInteger, nullable=False, comment="Device number of S_IFCHR/S_IFBLK, else 0."),
-    sa.Column("parent", sa.BigInteger, nullable=False,
-              comment="Directories: the directory holding its one dentry (root: 1). Used for "
-                      "cycle checks in rename and '..'. Other kinds: 0 (they may have many)."),
-    sa.Column("gen", sa.BigInteger, nullable=False,
-              comment="Change counter: +1 on every update of the row. Conditional updates match "
-                      "(ino, gen) and check the rowcount; clients compare it for close-to-open."),
-    sa.Column("slice_seq", sa.BigInteger, nullable=False,
-              comment="Highest slice.seq handed out for this inode; later seq wins on overlap."),
+    sa.Column(
+        "rdev", sa.BigInteger, nullable=False, comment="Device number of S_IFCHR/S_IFBLK, else 0."
+    ),
+    sa.Column(
+        "parent",
+        sa.BigInteger,
+        nullable=False,
+        comment="Directories: the directory holding its one dentry (root: 1). Used for "
+        "cycle checks in rename and '..'. Other kinds: 0 (they may have many).",
+    ),
+    sa.Column(
+        "gen",
+        sa.BigInteger,
+        nullable=False,
+        comment="Change counter: +1 on every update of the row. Conditional updates match "
+        "(ino, gen) and check the rowcount; clients compare it for close-to-open.",
+    ),
+    sa.Column(
+        "slice_seq",
+        sa.BigInteger,
+        nullable=False,
+        comment="Highest slice.seq handed out for this inode; later seq wins on overlap.",
+    ),
     comment="One row per inode (file, directory, symlink, device, fifo, socket).",
 )
 
 dentry = sa.Table(
     "dentry",
     metadata,
-    sa.Column("parent", sa.BigInteger, sa.ForeignKey("inode.ino"), primary_key=True,
-              comment="Directory containing the entry."),
-    sa.Column("name", sa.LargeBinary, primary_key=True,
-              comment="Entry name: 1..255 bytes, no '/' or NUL, not '.' or '..'. Bytewise "
-                      "order of (parent, name) is the readdir cursor and the S3 key order."),
-    sa.Column("ino", sa.BigInteger, sa.ForeignKey("inode.ino"), nullable=False,
-              comment="Inode named by the entry."),
-    sa.Column("kind", sa.Integer, nullable=False,
-              comment="Copy of inode.kind (never changes), so readdir and listing need no join."),
+    sa.Column(
+        "parent",
+        sa.BigInteger,
+        sa.ForeignKey("inode.ino"),
+        primary_key=True,
+        comment="Directory containing the entry.",
+    ),
+    sa.Column(
+        "name",
+        sa.LargeBinary,
+        primary_key=True,
+        comment="Entry name: 1..255 bytes, no '/' or NUL, not '.' or '..'. Bytewise "
+        "order of (parent, name) is the readdir cursor and the S3 key order.",
+    ),
+    sa.Column(
+        "ino",
+        sa.BigInteger,
+        sa.ForeignKey("inode.ino"),
+        nullable=False,
+        comment="Inode named by the entry.",
+    ),
+    sa.Column(
+        "kind",
+        sa.Integer,
+        nullable=False,
+        comment="Copy of inode.kind (never changes), so readdir and listing need no join.",
+    ),
     sa.CheckConstraint("length(name) BETWEEN 1 AND 255", name="dentry_name_length"),
     sa.Index("dentry_ino", "ino"),
     comment="Directory entries. PK (parent, name) serves lookup, readdir and S3 listing.",
@@ -158,22 +228,47 @@ dentry = sa.Table(
 slice_ = sa.Table(
     "slice",
     metadata,
-    sa.Column("id", _id(), primary_key=True, autoincrement=True,
-              comment="Surrogate id, so the GC can repoint one slice with one conditional update."),
-    sa.Column("ino", sa.BigInteger, nullable=False,
-              comment="File inode. No foreign key: after the last unlink the inode row is "
-                      "gone and its slices wait for purging under a delfile row."),
-    sa.Column("seq", sa.BigInteger, nullable=False,
-              comment="Commit order within the file (from inode.slice_seq): later seq wins "
-                      "where slices overlap."),
+    sa.Column(
+        "id",
+        _id(),
+        primary_key=True,
+        autoincrement=True,
+        comment="Surrogate id, so the GC can repoint one slice with one conditional update.",
+    ),
+    sa.Column(
+        "ino",
+        sa.BigInteger,
+        nullable=False,
+        comment="File inode. No foreign key: after the last unlink the inode row is "
+        "gone and its slices wait for purging under a delfile row.",
+    ),
+    sa.Column(
+        "seq",
+        sa.BigInteger,
+        nullable=False,
+        comment="Commit order within the file (from inode.slice_seq): later seq wins "
+        "where slices overlap.",
+    ),
     sa.Column("file_off", sa.BigInteger, nullable=False, comment="File offset of the first byte."),
-    sa.Column("length", sa.BigInteger, nullable=False,
-              comment="Bytes covered (> 0); truncate shortens it, never lengthens."),
-    sa.Column("extent_id", U64, nullable=False,
-              comment="Logical extent holding the bytes (DESIGN §8); placement is the store's."),
-    sa.Column("ext_off", sa.BigInteger, nullable=False,
-              comment="Offset of the first byte within the extent. The bytes were durable on "
-                      "every replica before this row was committed."),
+    sa.Column(
+        "length",
+        sa.BigInteger,
+        nullable=False,
+        comment="Bytes covered (> 0); truncate shortens it, never lengthens.",
+    ),
+    sa.Column(
+        "extent_id",
+        U64,
+        nullable=False,
+        comment="Logical extent holding the bytes (DESIGN §8); placement is the store's.",
+    ),
+    sa.Column(
+        "ext_off",
+        sa.BigInteger,
+        nullable=False,
+        comment="Offset of the first byte within the extent. The bytes were durable on "
+        "every replica before this row was committed.",
+    ),
     sa.CheckConstraint("length > 0 AND file_off >= 0 AND ext_off >= 0", name="slice_ranges"),
     sa.UniqueConstraint("ino", "seq", name="slice_ino_seq"),
     sa.Index("slice_extent", "extent_id"),
@@ -183,8 +278,13 @@ slice_ = sa.Table(
 symlink = sa.Table(
     "symlink",
     metadata,
-    sa.Column("ino", sa.BigInteger, sa.ForeignKey("inode.ino"), primary_key=True,
-              comment="The S_IFLNK inode."),
+    sa.Column(
+        "ino",
+        sa.BigInteger,
+        sa.ForeignKey("inode.ino"),
+        primary_key=True,
+        comment="The S_IFLNK inode.",
+    ),
     sa.Column("target", sa.LargeBinary, nullable=False, comment="Target path, 1..4095 bytes."),
     comment="Symlink targets; exactly one row per S_IFLNK inode.",
 )
@@ -192,7 +292,9 @@ symlink = sa.Table(
 xattr = sa.Table(
     "xattr",
     metadata,
-    sa.Column("ino", sa.BigInteger, sa.ForeignKey("inode.ino"), primary_key=True, comment="Owner inode."),
+    sa.Column(
+        "ino", sa.BigInteger, sa.ForeignKey("inode.ino"), primary_key=True, comment="Owner inode."
+    ),
     sa.Column("name", sa.LargeBinary, primary_key=True, comment="Attribute name, 1..255 bytes."),
     sa.Column("value", sa.LargeBinary, nullable=False, comment="Value, at most 64 KiB."),
     comment="Extended attributes (also: user.appendfs.redundancy, DESIGN §4).",
@@ -201,12 +303,21 @@ xattr = sa.Table(
 session = sa.Table(
     "session",
     metadata,
-    sa.Column("sid", sa.BigInteger, primary_key=True, autoincrement=False,
-              comment="Session id (from counter next_sid); one per client process (mount, S3)."),
+    sa.Column(
+        "sid",
+        sa.BigInteger,
+        primary_key=True,
+        autoincrement=False,
+        comment="Session id (from counter next_sid); one per client process (mount, S3).",
+    ),
     sa.Column("owner", sa.String(255), nullable=False, comment="host:pid and role, for humans."),
     sa.Column("started_ns", sa.BigInteger, nullable=False, comment="When the session began."),
-    sa.Column("expires_ns", sa.BigInteger, nullable=False,
-              comment="Heartbeat deadline. Past it, any live client may clean the session up."),
+    sa.Column(
+        "expires_ns",
+        sa.BigInteger,
+        nullable=False,
+        comment="Heartbeat deadline. Past it, any live client may clean the session up.",
+    ),
     sa.Index("session_expires", "expires_ns"),
     comment="Live clients. Their open files keep unlinked inodes alive.",
 )
@@ -214,10 +325,20 @@ session = sa.Table(
 sustained = sa.Table(
     "sustained",
     metadata,
-    sa.Column("sid", sa.BigInteger, sa.ForeignKey("session.sid"), primary_key=True,
-              comment="Session holding the inode open."),
-    sa.Column("ino", sa.BigInteger, sa.ForeignKey("inode.ino"), primary_key=True,
-              comment="Inode held open. While any row names it, nlink 0 does not delete it."),
+    sa.Column(
+        "sid",
+        sa.BigInteger,
+        sa.ForeignKey("session.sid"),
+        primary_key=True,
+        comment="Session holding the inode open.",
+    ),
+    sa.Column(
+        "ino",
+        sa.BigInteger,
+        sa.ForeignKey("inode.ino"),
+        primary_key=True,
+        comment="Inode held open. While any row names it, nlink 0 does not delete it.",
+    ),
     sa.Index("sustained_ino", "ino"),
     comment="Open files per session (one row per session and inode, however many handles).",
 )
@@ -225,8 +346,13 @@ sustained = sa.Table(
 delfile = sa.Table(
     "delfile",
     metadata,
-    sa.Column("ino", sa.BigInteger, primary_key=True, autoincrement=False,
-              comment="A deleted file whose inode row is gone; its slices still exist."),
+    sa.Column(
+        "ino",
+        sa.BigInteger,
+        primary_key=True,
+        autoincrement=False,
+        comment="A deleted file whose inode row is gone; its slices still exist.",
+    ),
     sa.Column("size", sa.BigInteger, nullable=False, comment="Size at deletion (accounting)."),
     sa.Column("queued_ns", sa.BigInteger, nullable=False, comment="When it was queued."),
     comment="Delete queue: slices of these inodes are purged in batches, then the row.",
@@ -235,8 +361,16 @@ delfile = sa.Table(
 flock = sa.Table(
     "flock",
     metadata,
-    sa.Column("ino", sa.BigInteger, sa.ForeignKey("inode.ino"), primary_key=True, comment="Locked inode."),
-    sa.Column("sid", sa.BigInteger, sa.ForeignKey("session.sid"), primary_key=True, comment="Holder's session."),
+    sa.Column(
+        "ino", sa.BigInteger, sa.ForeignKey("inode.ino"), primary_key=True, comment="Locked inode."
+    ),
+    sa.Column(
+        "sid",
+        sa.BigInteger,
+        sa.ForeignKey("session.sid"),
+        primary_key=True,
+        comment="Holder's session.",
+    ),
     sa.Column("owner", sa.BigInteger, primary_key=True, comment="Lock owner within the session."),
     sa.Column("ltype", sa.String(1), nullable=False, comment="'R' shared or 'W' exclusive."),
     comment="BSD flock() locks (cluster-wide locks are a later capability, DESIGN §8).",
@@ -245,11 +379,23 @@ flock = sa.Table(
 plock = sa.Table(
     "plock",
     metadata,
-    sa.Column("ino", sa.BigInteger, sa.ForeignKey("inode.ino"), primary_key=True, comment="Locked inode."),
-    sa.Column("sid", sa.BigInteger, sa.ForeignKey("session.sid"), primary_key=True, comment="Holder's session."),
+    sa.Column(
+        "ino", sa.BigInteger, sa.ForeignKey("inode.ino"), primary_key=True, comment="Locked inode."
+    ),
+    sa.Column(
+        "sid",
+        sa.BigInteger,
+        sa.ForeignKey("session.sid"),
+        primary_key=True,
+        comment="Holder's session.",
+    ),
     sa.Column("owner", sa.BigInteger, primary_key=True, comment="Lock owner within the session."),
-    sa.Column("records", sa.LargeBinary, nullable=False,
-              comment="Packed (type, start, end) byte-range records of this owner."),
+    sa.Column(
+        "records",
+        sa.LargeBinary,
+        nullable=False,
+        comment="Packed (type, start, end) byte-range records of this owner.",
+    ),
     comment="POSIX fcntl() byte-range locks (not exposed through the mount yet).",
 )
 
@@ -257,8 +403,14 @@ s3_bucket = sa.Table(
     "s3_bucket",
     metadata,
     sa.Column("name", sa.String(63), primary_key=True, comment="Bucket name (S3 naming rules)."),
-    sa.Column("ino", sa.BigInteger, sa.ForeignKey("inode.ino"), nullable=False, unique=True,
-              comment="The top-level directory that is the bucket."),
+    sa.Column(
+        "ino",
+        sa.BigInteger,
+        sa.ForeignKey("inode.ino"),
+        nullable=False,
+        unique=True,
+        comment="The top-level directory that is the bucket.",
+    ),
     sa.Column("owner", sa.String(128), nullable=False, comment="Access key id of the owner."),
     sa.Column("created_ns", sa.BigInteger, nullable=False, comment="Creation time."),
     comment="S3 buckets: a bucket is a top-level directory (DESIGN §5).",
@@ -279,7 +431,13 @@ s3_upload = sa.Table(
     "s3_upload",
     metadata,
     sa.Column("upload_id", sa.String(64), primary_key=True, comment="Opaque multipart upload id."),
-    sa.Column("bucket", sa.String(63), sa.ForeignKey("s3_bucket.name"), nullable=False, comment="Target bucket."),
+    sa.Column(
+        "bucket",
+        sa.String(63),
+        sa.ForeignKey("s3_bucket.name"),
+        nullable=False,
+        comment="Target bucket.",
+    ),
     sa.Column("key", sa.LargeBinary, nullable=False, comment="Target object key (bytes)."),
     sa.Column("initiated_ns", sa.BigInteger, nullable=False, comment="Initiation time."),
     sa.Column("headers", sa.Text, nullable=False, comment="JSON of stored object headers."),
@@ -290,8 +448,13 @@ s3_upload = sa.Table(
 s3_part = sa.Table(
     "s3_part",
     metadata,
-    sa.Column("upload_id", sa.String(64), sa.ForeignKey("s3_upload.upload_id"), primary_key=True,
-              comment="Upload the part belongs to."),
+    sa.Column(
+        "upload_id",
+        sa.String(64),
+        sa.ForeignKey("s3_upload.upload_id"),
+        primary_key=True,
+        comment="Upload the part belongs to.",
+    ),
     sa.Column("part_number", sa.Integer, primary_key=True, comment="1..10000."),
     sa.Column("size", sa.BigInteger, nullable=False, comment="Part size in bytes."),
     sa.Column("etag", sa.String(64), nullable=False, comment="MD5 of the part (hex)."),
@@ -305,17 +468,30 @@ s3_part_slice = sa.Table(
     sa.Column("upload_id", sa.String(64), primary_key=True, comment="Upload."),
     sa.Column("part_number", sa.Integer, primary_key=True, comment="Part."),
     sa.Column("part_off", sa.BigInteger, primary_key=True, comment="Offset within the part."),
-    sa.Column("length", sa.BigInteger, nullable=False, comment="Bytes (> 0); part slices never overlap."),
+    sa.Column(
+        "length", sa.BigInteger, nullable=False, comment="Bytes (> 0); part slices never overlap."
+    ),
     sa.Column("extent_id", U64, nullable=False, comment="Logical extent (owner s3-part)."),
     sa.Column("ext_off", sa.BigInteger, nullable=False, comment="Offset in the extent."),
-    sa.ForeignKeyConstraint(["upload_id", "part_number"], ["s3_part.upload_id", "s3_part.part_number"]),
+    sa.ForeignKeyConstraint(
+        ["upload_id", "part_number"], ["s3_part.upload_id", "s3_part.part_number"]
+    ),
     sa.Index("s3_part_slice_extent", "extent_id"),
     comment="Data maps of parts; completion concatenates them into the object's slices.",
 )
 
 #: Kinds an inode may have.
-KINDS = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
-                   stat.S_IFIFO, stat.S_IFSOCK})
+KINDS = frozenset(
+    {
+        stat.S_IFREG,
+        stat.S_IFDIR,
+        stat.S_IFLNK,
+        stat.S_IFCHR,
+        stat.S_IFBLK,
+        stat.S_IFIFO,
+        stat.S_IFSOCK,
+    }
+)
 
 
 def _read_version(conn: sa.Connection) -> int | None:
@@ -340,12 +516,32 @@ def create_schema(engine: Engine) -> None:
             return
         now = time.time_ns()
         conn.execute(meta_schema.insert().values(id=1, version=SCHEMA_VERSION, created_ns=now))
-        conn.execute(counter.insert(), [{"name": NEXT_INO, "value": ROOT_INO + 1},
-                                        {"name": NEXT_SID, "value": 1},
-                                        {"name": RENAME_LOCK, "value": 0}])
-        conn.execute(inode.insert().values(
-            ino=ROOT_INO, kind=stat.S_IFDIR, mode=0o755, uid=0, gid=0, nlink=2, size=0,
-            atime_ns=now, mtime_ns=now, ctime_ns=now, rdev=0, parent=ROOT_INO, gen=0, slice_seq=0))
+        conn.execute(
+            counter.insert(),
+            [
+                {"name": NEXT_INO, "value": ROOT_INO + 1},
+                {"name": NEXT_SID, "value": 1},
+                {"name": RENAME_LOCK, "value": 0},
+            ],
+        )
+        conn.execute(
+            inode.insert().values(
+                ino=ROOT_INO,
+                kind=stat.S_IFDIR,
+                mode=0o755,
+                uid=0,
+                gid=0,
+                nlink=2,
+                size=0,
+                atime_ns=now,
+                mtime_ns=now,
+                ctime_ns=now,
+                rdev=0,
+                parent=ROOT_INO,
+                gen=0,
+                slice_seq=0,
+            )
+        )
 
 
 def check_schema(engine: Engine) -> None:
@@ -355,6 +551,8 @@ def check_schema(engine: Engine) -> None:
         conn.rollback()
     url = engine.url.render_as_string(hide_password=True)
     if found is None:
-        raise NotFormatted(f"{url} has no appendfs namespace schema: run `appendfs format {url}` first")
+        raise NotFormatted(
+            f"{url} has no appendfs namespace schema: run `appendfs format {url}` first"
+        )
     if found != SCHEMA_VERSION:
         raise VersionMismatch(f"namespace schema in {url}", SCHEMA_VERSION, found)

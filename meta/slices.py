@@ -91,7 +91,9 @@ def _merge(segments: list[Segment]) -> list[Segment]:
                 (last.extent_id is None and seg.extent_id is None)
                 or (last.extent_id == seg.extent_id and last.ext_off + last.length == seg.ext_off)
             ):
-                merged[-1] = Segment(last.file_off, last.length + seg.length, last.extent_id, last.ext_off)
+                merged[-1] = Segment(
+                    last.file_off, last.length + seg.length, last.extent_id, last.ext_off
+                )
                 continue
         merged.append(seg)
     return merged
@@ -127,8 +129,11 @@ def visible(slices: Sequence[Slice]) -> list[Segment]:
 
 def compact(slices: Sequence[Slice]) -> list[NewSlice]:
     """A slice list with no overlaps that reads exactly like ``slices`` (metadata only)."""
-    return [NewSlice(seg.file_off, seg.length, seg.extent_id, seg.ext_off)
-            for seg in visible(slices) if seg.extent_id is not None]
+    return [
+        NewSlice(seg.file_off, seg.length, seg.extent_id, seg.ext_off)
+        for seg in visible(slices)
+        if seg.extent_id is not None
+    ]
 
 
 def trim(slices: Iterable[Slice], new_size: int) -> tuple[list[int], dict[int, int]]:

@@ -112,26 +112,34 @@ class Runner:
                     return result
             except Retry:
                 if attempt >= cfg.max_attempts:
-                    raise MetaUnavailable(f"{what}: gave up after {attempt} conflicting attempts") from None
+                    raise MetaUnavailable(
+                        f"{what}: gave up after {attempt} conflicting attempts"
+                    ) from None
             except sa.exc.DBAPIError as exc:
                 if committing and is_unreachable(exc):
                     raise CommitOutcomeUnknown(
                         f"{what}: lost the metadata database during COMMIT; the change may or "
-                        f"may not be applied ({type(exc.orig).__name__})") from exc
+                        f"may not be applied ({type(exc.orig).__name__})"
+                    ) from exc
                 if is_retryable(exc):
                     if attempt >= cfg.max_attempts:
-                        raise MetaUnavailable(f"{what}: gave up after {attempt} attempts "
-                                              f"(serialization failures / deadlocks)") from exc
+                        raise MetaUnavailable(
+                            f"{what}: gave up after {attempt} attempts "
+                            f"(serialization failures / deadlocks)"
+                        ) from exc
                 elif is_unreachable(exc):
                     now = time.monotonic()
                     if deadline is None:
                         deadline = now + cfg.unreachable_timeout_s
-                        log.warning("%s: metadata database unreachable, retrying: %s", what, exc.orig)
+                        log.warning(
+                            "%s: metadata database unreachable, retrying: %s", what, exc.orig
+                        )
                     if now >= deadline:
                         raise MetaUnavailable(
                             f"{what}: metadata database {self.engine.url.render_as_string()} "
                             f"unreachable for {cfg.unreachable_timeout_s:g}s "
-                            f"({type(exc.orig).__name__}: {str(exc.orig).strip()[:200]})") from exc
+                            f"({type(exc.orig).__name__}: {str(exc.orig).strip()[:200]})"
+                        ) from exc
                 else:
                     raise
             delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * (2 ** min(attempt, 16)))
@@ -152,8 +160,11 @@ class IdAllocator:
     def _take(self, conn: sa.Connection) -> int:
         c = schema.counter
         row = conn.execute(
-            c.update().where(c.c.name == self._name).values(value=c.c.value + self._batch)
-            .returning(c.c.value)).one()
+            c.update()
+            .where(c.c.name == self._name)
+            .values(value=c.c.value + self._batch)
+            .returning(c.c.value)
+        ).one()
         return int(row.value)
 
     def next(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -10,10 +11,10 @@ from appendfs.db import make_engine
 from appendfs.meta import Meta, MetaConfig, create_schema
 
 
-def open_meta(url: str, **config: object) -> Meta:
-    engine = make_engine(url, pool_size=8)
+def open_meta(url: str, **config: Any) -> Meta:
+    engine = make_engine(url, pool_size=8, pre_ping=False)
     create_schema(engine)
-    return Meta(engine, MetaConfig(**config))  # type: ignore[arg-type]
+    return Meta(engine, MetaConfig(**config))
 
 
 @pytest.fixture

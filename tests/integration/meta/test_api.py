@@ -253,7 +253,11 @@ def test_slices_later_wins_compact_gc(meta: Meta) -> None:
     a = meta.commit_slices(f.ino, [NewSlice(100, 100, 2, 0), NewSlice(150, 100, 2, 500)])
     assert a.size == 1000 and a.slice_seq == 3
     assert meta.read_map(f.ino, 0, 1000) == [
-        Segment(0, 100, 1, 0), Segment(100, 50, 2, 0), Segment(150, 100, 2, 500), Segment(250, 750, 1, 250)]
+        Segment(0, 100, 1, 0),
+        Segment(100, 50, 2, 0),
+        Segment(150, 100, 2, 500),
+        Segment(250, 750, 1, 250),
+    ]
     assert meta.referenced_bytes([1, 2, 3]) == {1: 1000, 2: 200, 3: 0}
     assert meta.live_bytes([1, 2, 3]) == {1: 850, 2: 150, 3: 0}
     assert meta.compact(f.ino) == (3, 3)  # 4 visible pieces, so no gain
@@ -265,7 +269,7 @@ def test_slices_later_wins_compact_gc(meta: Meta) -> None:
     assert meta.repoint_slice(f.ino, s, 9, 4096)
     assert not meta.repoint_slice(f.ino, s, 10, 0)  # identity changed: refused
     assert meta.read_map(f.ino, 0, 10) == [Segment(0, 10, 9, 4096)]
-    _, cur = meta.slices(f.ino)
+    _, _cur = meta.slices(f.ino)
     seq = meta.getattr(f.ino).slice_seq
     assert meta.replace_slices(f.ino, seq, [NewSlice(0, 1000, 11, 0)])
     assert not meta.replace_slices(f.ino, seq, [NewSlice(0, 1000, 12, 0)])
@@ -339,6 +343,9 @@ def test_list_subtree(meta: Meta) -> None:
     r = meta.list_subtree(bucket.ino, prefix=b"a/", delimiter=b"/")
     assert [o.key for o in r.objects] == [b"a/x"] and r.common_prefixes == [b"a/y/"]
     r = meta.list_subtree(bucket.ino, start_after=b"a/x", max_keys=2)
-    assert [o.key for o in r.objects] == [b"a/y/z", b"a0"] and r.is_truncated and r.next_start_after == b"a0"
+    assert (
+        [o.key for o in r.objects] == [b"a/y/z", b"a0"]
+        and r.is_truncated
+        and r.next_start_after == b"a0"
+    )
     assert meta.list_subtree(bucket.ino, prefix=b"nope/").objects == []
-

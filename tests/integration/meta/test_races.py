@@ -47,14 +47,16 @@ def test_concurrent_creates_in_one_directory(pg_meta: Meta) -> None:
         for k in range(60):
             name = b"n%d" % (k * 2 + i % 2)  # pairs of threads fight over the same names
             try:
-                pg_meta.create(d.ino, name, 0o644, 0, 0) if k % 3 else pg_meta.mkdir(d.ino, name, 0o755, 0, 0)
+                pg_meta.create(d.ino, name, 0o644, 0, 0) if k % 3 else pg_meta.mkdir(
+                    d.ino, name, 0o755, 0, 0
+                )
                 c["made"] += 1
             except FsError as e:
                 assert e.errno == errno.EEXIST
                 c["exists"] += 1
         return c
 
-    total = sum(run_threads(6, worker), Counter())
+    total: Counter[str] = sum(run_threads(6, worker), Counter())
     entries = pg_meta.readdir(d.ino, limit=10_000)
     assert total["made"] == len(entries) == 120
     assert pg_meta.getattr(d.ino).nlink == 2 + sum(1 for e in entries if e.kind == 0o040000)
@@ -117,18 +119,23 @@ def test_directory_into_its_own_subtree_is_refused_under_races(pg_meta: Meta) ->
         me, other = (a, b) if i % 2 == 0 else (b, a)
         for _ in range(25):
             # Move `me` under `other` and back to the root; the partner does the reverse.
-            for parent, name_from, new_parent in ((ROOT_INO, None, other.ino), (other.ino, None, ROOT_INO)):
+            for parent, name_from, new_parent in (
+                (ROOT_INO, None, other.ino),
+                (other.ino, None, ROOT_INO),
+            ):
                 del name_from
                 try:
                     src_parent = pg_meta.getattr(me.ino).parent
-                    pg_meta.rename(src_parent, b"a" if me is a else b"b", new_parent, b"a" if me is a else b"b")
+                    pg_meta.rename(
+                        src_parent, b"a" if me is a else b"b", new_parent, b"a" if me is a else b"b"
+                    )
                     c[0] += 1
                 except FsError as e:
                     c[e.errno] += 1
                 del parent
         return c
 
-    results = sum(run_threads(4, worker), Counter())
+    results: Counter[int] = sum(run_threads(4, worker), Counter())
     assert set(results) <= {0, errno.EINVAL, errno.ENOENT, errno.EEXIST}
     assert results[errno.EINVAL] > 0 and results[0] > 0
     assert pg_meta.check_invariants() == []

@@ -12,11 +12,20 @@ from collections.abc import Callable
 import pytest
 import sqlalchemy as sa
 
-from appendfs.meta import ROOT_INO, FsError, Meta, MetaUnavailable, NewSlice, Segment, SessionExpired
+from appendfs.meta import (
+    ROOT_INO,
+    FsError,
+    Meta,
+    MetaUnavailable,
+    NewSlice,
+    Segment,
+    SessionExpired,
+)
 
 
-def test_unlinked_open_file_stays_readable_until_close(meta: Meta, meta_url: str,
-                                                       open_meta_fn: Callable[..., Meta]) -> None:
+def test_unlinked_open_file_stays_readable_until_close(
+    meta: Meta, meta_url: str, open_meta_fn: Callable[..., Meta]
+) -> None:
     other = open_meta_fn(meta_url)  # a second client on the same database
     f = meta.create(ROOT_INO, b"f", 0o644, 0, 0)
     meta.commit_slices(f.ino, [NewSlice(0, 4096, 42, 0)])
@@ -44,8 +53,9 @@ def test_unlinked_open_file_stays_readable_until_close(meta: Meta, meta_url: str
     assert meta.check_invariants() == []
 
 
-def test_dead_session_is_cleaned_by_a_live_client(meta: Meta, meta_url: str,
-                                                  open_meta_fn: Callable[..., Meta]) -> None:
+def test_dead_session_is_cleaned_by_a_live_client(
+    meta: Meta, meta_url: str, open_meta_fn: Callable[..., Meta]
+) -> None:
     dying = open_meta_fn(meta_url, session_ttl_s=0.2)
     f = meta.create(ROOT_INO, b"f", 0o644, 0, 0)
     g = meta.create(ROOT_INO, b"g", 0o644, 0, 0)
@@ -71,11 +81,21 @@ def test_dead_session_is_cleaned_by_a_live_client(meta: Meta, meta_url: str,
 
 def test_bad_names_are_refused_without_change(meta: Meta) -> None:
     before = meta.readdir(ROOT_INO)
-    cases = [(b"a/b", errno.EINVAL), (b"a\0b", errno.EINVAL), (b"", errno.EINVAL), (b".", errno.EINVAL),
-             (b"..", errno.EINVAL), (b"x" * 256, errno.ENAMETOOLONG)]
+    cases = [
+        (b"a/b", errno.EINVAL),
+        (b"a\0b", errno.EINVAL),
+        (b"", errno.EINVAL),
+        (b".", errno.EINVAL),
+        (b"..", errno.EINVAL),
+        (b"x" * 256, errno.ENAMETOOLONG),
+    ]
     for name, code in cases:
-        for op in (lambda n: meta.create(ROOT_INO, n, 0o644, 0, 0), lambda n: meta.mkdir(ROOT_INO, n, 0o755, 0, 0),
-                   lambda n: meta.symlink(ROOT_INO, n, b"t", 0, 0), lambda n: meta.rename(ROOT_INO, b"zz", ROOT_INO, n)):
+        for op in (
+            lambda n: meta.create(ROOT_INO, n, 0o644, 0, 0),
+            lambda n: meta.mkdir(ROOT_INO, n, 0o755, 0, 0),
+            lambda n: meta.symlink(ROOT_INO, n, b"t", 0, 0),
+            lambda n: meta.rename(ROOT_INO, b"zz", ROOT_INO, n),
+        ):
             with pytest.raises(FsError) as e:
                 op(name)
             assert e.value.errno == code, name
@@ -110,8 +130,9 @@ def stop_postgres(server: object) -> None:
     server.proc.wait(30)  # type: ignore[attr-defined]
 
 
-def test_database_down_gives_clear_temporary_error_then_recovers(pg_server: tuple[str, object],
-                                                                 pg_url: str, open_meta_fn: Callable[..., Meta]) -> None:
+def test_database_down_gives_clear_temporary_error_then_recovers(
+    pg_server: tuple[str, object], pg_url: str, open_meta_fn: Callable[..., Meta]
+) -> None:
     server = pg_server[1]
     if server is None:
         print("SKIP REASON: APPENDFS_TEST_PG given; cannot stop an external server")
@@ -133,8 +154,9 @@ def test_database_down_gives_clear_temporary_error_then_recovers(pg_server: tupl
     assert m.check_invariants() == []
 
 
-def test_database_stopped_mid_transaction(pg_server: tuple[str, object], pg_url: str,
-                                         open_meta_fn: Callable[..., Meta]) -> None:
+def test_database_stopped_mid_transaction(
+    pg_server: tuple[str, object], pg_url: str, open_meta_fn: Callable[..., Meta]
+) -> None:
     """A rename blocked on a row lock when the server stops: all or nothing, never half."""
     server = pg_server[1]
     if server is None:

@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 from appendfs.meta.listing import Entry, list_page
 
 # Bytes around '/' (0x2f) make the name-order vs key-order difference show up often.
-NAME = st.lists(st.sampled_from(b"!-./0a"), min_size=1, max_size=3).map(bytes).filter(
-    lambda n: b"/" not in n and n not in (b".", b".."))
+NAME = (
+    st.lists(st.sampled_from(b"!-./0a"), min_size=1, max_size=3)
+    .map(bytes)
+    .filter(lambda n: b"/" not in n and n not in (b".", b".."))
+)
 
 
 class Tree:
@@ -28,7 +31,9 @@ class Tree:
             return e.ino if e.is_dir == is_dir else -1
         ino = self.next_ino
         self.next_ino += 1
-        self.dirs[parent][name] = Entry(name, ino, stat.S_IFDIR if is_dir else stat.S_IFREG, ino * 10, ino)
+        self.dirs[parent][name] = Entry(
+            name, ino, stat.S_IFDIR if is_dir else stat.S_IFREG, ino * 10, ino
+        )
         if is_dir:
             self.dirs[ino] = {}
         return ino
@@ -47,13 +52,15 @@ class Tree:
         return out
 
 
-def brute(keys: list[bytes], prefix: bytes, delimiter: bytes | None, start_after: bytes | None) -> list[tuple[bytes, bool]]:
+def brute(
+    keys: list[bytes], prefix: bytes, delimiter: bytes | None, start_after: bytes | None
+) -> list[tuple[bytes, bool]]:
     out: list[tuple[bytes, bool]] = []
     seen: set[bytes] = set()
     for k in sorted(keys):
         if not k.startswith(prefix) or (start_after is not None and k <= start_after):
             continue
-        rest = k[len(prefix):]
+        rest = k[len(prefix) :]
         if delimiter and delimiter in rest:
             cp = prefix + rest[: rest.index(delimiter) + len(delimiter)]
             if cp not in seen and cp != start_after:
@@ -81,18 +88,29 @@ def build(path_list: list[list[bytes]]) -> Tree:
 
 
 @settings(max_examples=500, derandomize=True)
-@given(paths, st.sampled_from([b"", b"a", b"a/", b"0", b"!", b"a!/", b"a/a"]),
-       st.sampled_from([None, b"/", b"-", b"a"]), st.one_of(st.none(), st.lists(st.sampled_from(b"!-./0a"), max_size=5).map(bytes)),
-       st.integers(1, 7))
-def test_pages_match_brute_force(path_list: list[list[bytes]], prefix: bytes, delimiter: bytes | None,
-                                 start_after: bytes | None, max_keys: int) -> None:
+@given(
+    paths,
+    st.sampled_from([b"", b"a", b"a/", b"0", b"!", b"a!/", b"a/a"]),
+    st.sampled_from([None, b"/", b"-", b"a"]),
+    st.one_of(st.none(), st.lists(st.sampled_from(b"!-./0a"), max_size=5).map(bytes)),
+    st.integers(1, 7),
+)
+def test_pages_match_brute_force(
+    path_list: list[list[bytes]],
+    prefix: bytes,
+    delimiter: bytes | None,
+    start_after: bytes | None,
+    max_keys: int,
+) -> None:
     t = build(path_list)
     want = brute(t.keys(), prefix, delimiter, start_after)
     got: list[tuple[bytes, bool]] = []
     after = start_after
     for _ in range(200):
         page = list_page(t, 1, prefix, delimiter, after, max_keys)
-        items = sorted([(o.key, False) for o in page.objects] + [(p, True) for p in page.common_prefixes])
+        items = sorted(
+            [(o.key, False) for o in page.objects] + [(p, True) for p in page.common_prefixes]
+        )
         assert len(items) <= max_keys
         got += items
         if not page.is_truncated:
