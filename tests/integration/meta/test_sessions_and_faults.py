@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -117,19 +115,6 @@ def test_bad_names_are_refused_without_change(meta: Meta) -> None:
     assert after == {e.name for e in before} | {b"x" * 255, b"file"}
 
 
-def stop_postgres(server: object) -> None:
-    """Fast-shutdown the throwaway server, keeping its data (resume() restarts it).
-
-    ThrowawayPostgres.pause() signals its Popen child, which as root is `runuser`, and
-    runuser does not forward SIGINT; so signal the postmaster itself (its pid is the
-    first line of postmaster.pid) and wait for the wrapper to exit.
-    """
-    with open(os.path.join(server.dir, "data", "postmaster.pid")) as f:  # type: ignore[attr-defined]
-        pid = int(f.readline())
-    os.kill(pid, signal.SIGINT)
-    server.proc.wait(30)  # type: ignore[attr-defined]
-
-
 def test_database_down_gives_clear_temporary_error_then_recovers(
     pg_server: tuple[str, object], pg_url: str, open_meta_fn: Callable[..., Meta]
 ) -> None:
@@ -139,7 +124,7 @@ def test_database_down_gives_clear_temporary_error_then_recovers(
         pytest.skip("needs the throwaway PostgreSQL (APPENDFS_TEST_PG is set)")
     m = open_meta_fn(pg_url, unreachable_timeout_s=1.0)
     d = m.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
-    stop_postgres(server)
+    server.pause()  # type: ignore[attr-defined]
     try:
         t0 = time.monotonic()
         with pytest.raises(MetaUnavailable, match="unreachable") as e:
@@ -181,7 +166,7 @@ def test_database_stopped_mid_transaction(
     t = threading.Thread(target=mover)
     t.start()
     time.sleep(0.5)
-    stop_postgres(server)
+    server.pause()  # type: ignore[attr-defined]
     try:
         t.join(30)
     finally:
