@@ -98,6 +98,9 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(__version__, prog_name="appendfs")
 def main() -> None:
     """appendfs — a distributed POSIX filesystem on append-only LogStreams."""
+    from appendfs.runtime import tune_allocator
+
+    tune_allocator()
 
 
 # ---- format ---------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def datanode_cmd(config_file: Path | None, **flags: Any) -> None:
     setup_logging(cfg.log_level)
     auth = read_secret_file(cfg.secret_file)
     ident = claim_data_dir(cfg.data, auth.cluster_id)
-    store = ExtentStore(FileBackend(cfg.data, cfg.capacity_bytes), high_water=cfg.high_water,
+    store = ExtentStore(FileBackend(cfg.data, cfg.capacity_bytes, cfg.direct_io), high_water=cfg.high_water,
                         reserve_bytes=cfg.reserve_bytes, read_threads=cfg.read_threads)
     recovering = store.recover()
     if recovering:

@@ -431,6 +431,9 @@ def report(size: int, fio: dict[str, tuple[float, Phase]], phases: dict[str, Pha
 
 
 def main() -> None:
+    from appendfs.runtime import tune_allocator
+
+    tune_allocator()  # as every appendfs process does (appendfs/runtime.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024, help="bytes written per phase, in MiB [1024]")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (data, logs)")

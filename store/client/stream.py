@@ -284,6 +284,12 @@ class LogStream:
 
     async def _next_op(self, ext: _Extent) -> _Op | None:
         """Next queued append, or None when the stream closes or the extent fails first."""
+        try:  # the common case under load: an append is already queued, no need to wait
+            return self._recv.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
         result: list[_Op | None] = []
         async with trio.open_nursery() as nursery:
             async def take() -> None:

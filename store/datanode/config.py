@@ -25,6 +25,7 @@ class DataNodeConfig:
     metanode: tuple[str, ...] = option((), "MetaNode addresses HOST:PORT[,HOST:PORT...]; redirects are followed", _addresses)
     secret_file: Path = option(Path("/etc/appendfs/secret"), "cluster secret file written by `appendfs format`")
     failure_domain: str | None = option(None, "failure domain (rack, host); default: the node itself")
+    direct_io: bool = option(True, "write extent data with O_DIRECT (falls back to buffered where refused)")
     capacity_bytes: int | None = option(None, "cap the device below the filesystem size (bytes)", positive)
     high_water: float = option(0.95, "fraction of capacity above which the device takes no new extents", fraction)
     reserve_bytes: int = option(64 << 20, "free bytes kept back: below this the device takes no new extents", non_negative)

@@ -17,6 +17,7 @@ MetaNode tells it the sealed length (reconcile), because its writer has moved on
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,8 @@ class ExtentStore:
         self._batch = _Batch()
         self._wake = trio.Event()
         self.stats = {"appends": 0, "append_bytes": 0, "reads": 0, "read_bytes": 0, "commits": 0,
-                      "checksum_rejects": 0}
+                      "checksum_rejects": 0, "write_seconds": 0.0, "commit_seconds": 0.0,
+                      "append_latency_seconds": 0.0}
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -145,7 +147,9 @@ class ExtentStore:
                 ext.flushing, ext.pending = ext.pending, {}
                 work[extent_id] = (ext.flushing, ext.written)
             try:
+                t0 = time.perf_counter()
                 await trio.to_thread.run_sync(self._commit, work, limiter=self._sync_lane)
+                self.stats["commit_seconds"] += time.perf_counter() - t0
                 self.stats["commits"] += 1
             except (OSError, BackendError) as exc:
                 log.error("group commit failed on %s: %s", self.backend.kind, exc)
@@ -222,8 +226,9 @@ class ExtentStore:
         entries, ext.tail = append_entries(ext.tail, data)
         ext.length = end = offset + len(data)
         started.started()  # the next request of this connection may now be read
+        t0 = time.perf_counter()
         try:
-            await trio.to_thread.run_sync(self.backend.write_data, extent_id, offset, data, limiter=self._write_lane)
+            await trio.to_thread.run_sync(self._timed_write, extent_id, offset, data, limiter=self._write_lane)
         except (OSError, BackendError) as exc:
             ext.failed = f"write failed: {exc}"
             raise ExtentError("io_error", ext.failed) from None
@@ -231,9 +236,15 @@ class ExtentStore:
             ext.pending[first_block + i // ENTRY_BYTES] = entries[i:i + ENTRY_BYTES]
         ext.written = max(ext.written, end)
         await self._durable(extent_id)
+        self.stats["append_latency_seconds"] += time.perf_counter() - t0
         self.stats["appends"] += 1
         self.stats["append_bytes"] += len(data)
         return end
+
+    def _timed_write(self, extent_id: int, offset: int, data: bytes) -> None:
+        t0 = time.perf_counter()
+        self.backend.write_data(extent_id, offset, data)
+        self.stats["write_seconds"] += time.perf_counter() - t0
 
     async def read(self, extent_id: int, offset: int, length: int, epoch: int | None = None) -> tuple[int, bytes, bytes]:
         """(aligned start, data, entries) covering [offset, offset+length) for the client to verify.

@@ -9,11 +9,23 @@ Layout under the device directory ``DIR/extents/``::
 File descriptors of recently used extents are cached (bounded). ``capacity_bytes``, when
 set, caps the device below the filesystem's size (several DataNodes can share one disk,
 and tests can fill a device without filling the disk).
+
+Data is written with O_DIRECT (``direct_io``, the default) from a reused page-aligned
+staging buffer: whole 4 KiB blocks, the partial edge blocks completed from the bytes
+already there (the block at the logical end is kept in memory, so an append never reads).
+Buffered writes made every append copy into the page cache and then stall in the
+kernel's dirty-page throttling; profiles showed that write lane as the bottleneck
+(docs/benchmarks.md). The file may then extend past the logical end with zeros up to the
+next 4 KiB boundary: those bytes have no checksum entry, are never read (reads are clipped
+to the logical end) and are cut by recovery and by seal. Reads stay buffered (page cache,
+readahead). Filesystems that refuse O_DIRECT (tmpfs) fall back to buffered writes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -30,19 +42,26 @@ from appendfs.store.datanode.backend import (
 )
 
 _MAX_OPEN_EXTENTS = 256
+_SUM_PREWRITE_BYTES = 256 * 1024  # entries of a 64 MiB extent
+_ALIGN = 4096  # O_DIRECT offset/length/buffer alignment (>= the device's logical block size)
 
 
 class FileBackend(Backend):
     kind = "file"
 
-    def __init__(self, root: Path, capacity_bytes: int | None = None) -> None:
+    def __init__(self, root: Path, capacity_bytes: int | None = None, direct_io: bool = True) -> None:
         self.dir = Path(root) / "extents"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
+        self.direct_io = direct_io
         self._fds: OrderedDict[tuple[int, str], int] = OrderedDict()
         self._lock = threading.Lock()
         self._used = sum(p.stat().st_size for p in self.dir.glob("*.dat"))
-        self._sizes: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}  # logical end of each extent's data (the file may be padded)
+        self._phys: dict[int, int] = {}  # size of each data file: what `used` counts
+        self._tails: dict[int, bytes] = {}  # bytes of the partial block at the logical end
+        self._staging: mmap.mmap | None = None  # page-aligned buffer for direct writes
+        self._staging_lock = threading.Lock()
 
     def _path(self, extent_id: int, suffix: str) -> Path:
         return self.dir / f"{extent_id:016x}.{suffix}"
@@ -54,8 +73,9 @@ class FileBackend(Backend):
             if fd is not None:
                 self._fds.move_to_end(key)
                 return fd
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if suffix == "dio" else 0)
         try:
-            fd = os.open(self._path(extent_id, suffix), os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self._path(extent_id, "dat" if suffix == "dio" else suffix), flags)
         except FileNotFoundError:
             raise BackendError(f"extent {extent_id} not found") from None
         with self._lock:
@@ -71,7 +91,8 @@ class FileBackend(Backend):
 
     def _forget(self, extent_id: int) -> None:
         with self._lock:
-            for suffix in ("dat", "sum"):
+            self._tails.pop(extent_id, None)
+            for suffix in ("dat", "sum", "dio"):
                 fd = self._fds.pop((extent_id, suffix), None)
                 if fd is not None:
                     os.close(fd)
@@ -79,25 +100,92 @@ class FileBackend(Backend):
     def create(self, meta: ExtentMeta) -> None:
         for suffix in ("dat", "sum"):
             fd = os.open(self._path(meta.extent_id, suffix), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if suffix == "sum":
+                # Written zeros, not a hole: later entry writes overwrite allocated blocks in
+                # place, so their fdatasync needs no journal commit (a zero entry is 'absent').
+                os.pwrite(fd, bytes(_SUM_PREWRITE_BYTES), 0)
             os.fsync(fd)
             os.close(fd)
         with self._lock:
             self._sizes[meta.extent_id] = 0
+            self._phys[meta.extent_id] = 0
         self.set_meta(meta)  # fsyncs the directory, which also makes the new files durable
 
-    def write_data(self, extent_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-        fd = self._fd(extent_id, "dat")
+    def _logical_end(self, extent_id: int) -> int:
         known = self._sizes.get(extent_id)
-        if known is None:  # first write since start: an overwrite must not count as growth
-            known = os.fstat(fd).st_size
-        written = os.pwrite(fd, data, offset)
-        if written != len(data):
-            raise BackendError(f"short write on extent {extent_id}: {written} of {len(data)}")
+        if known is None:  # first use since start: the file's size (recovery truncates padding)
+            known = os.fstat(self._fd(extent_id, "dat")).st_size
+            with self._lock:
+                self._sizes.setdefault(extent_id, known)
+        return known
+
+    def write_data(self, extent_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        known = self._logical_end(extent_id)
         end = offset + len(data)
+        phys_before = self._physical(extent_id)
+        phys_after = max(phys_before, end)
+        if self.direct_io:
+            try:
+                self._write_direct(extent_id, offset, data, known)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct_io = False  # this filesystem refuses O_DIRECT: stay buffered from now on
+            else:
+                phys_after = max(phys_before, -(-end // _ALIGN) * _ALIGN)
+        if not self.direct_io:
+            written = os.pwrite(self._fd(extent_id, "dat"), data, offset)
+            if written != len(data):
+                raise BackendError(f"short write on extent {extent_id}: {written} of {len(data)}")
         with self._lock:
-            if end > known:
-                self._used += end - known
-                self._sizes[extent_id] = end
+            self._sizes[extent_id] = max(known, end)
+            self._phys[extent_id] = phys_after
+            self._used += phys_after - phys_before
+
+    def _physical(self, extent_id: int) -> int:
+        size = self._phys.get(extent_id)
+        if size is None:
+            size = os.fstat(self._fd(extent_id, "dat")).st_size
+            with self._lock:
+                self._phys.setdefault(extent_id, size)
+        return size
+
+    def _write_direct(self, extent_id: int, offset: int, data: bytes | bytearray | memoryview, known: int) -> None:
+        """Write [offset, offset+len) as whole aligned blocks through O_DIRECT."""
+        start = offset - offset % _ALIGN
+        end = offset + len(data)
+        stop = -(-end // _ALIGN) * _ALIGN
+        new_end = max(known, end)
+        with self._staging_lock:
+            buf = self._staging
+            if buf is None or len(buf) < stop - start:
+                if buf is not None:
+                    buf.close()
+                buf = self._staging = mmap.mmap(-1, max(stop - start, 1 << 20))
+            with memoryview(buf) as view:
+                if offset > start:
+                    view[: offset - start] = self._existing(extent_id, start, offset - start, known)
+                view[offset - start:end - start] = data
+                if end < stop:
+                    view[end - start:stop - start] = self._existing(extent_id, end, stop - end, known)
+                written = os.pwrite(self._fd(extent_id, "dio"), view[: stop - start], start)
+                if written != stop - start:
+                    raise BackendError(f"short direct write on extent {extent_id}: {written} of {stop - start}")
+                last = new_end - new_end % _ALIGN
+                if new_end % _ALIGN == 0:
+                    self._tails[extent_id] = b""
+                elif start <= last < stop:
+                    self._tails[extent_id] = bytes(view[last - start:new_end - start])
+
+    def _existing(self, extent_id: int, at: int, length: int, known: int) -> bytes:
+        """The ``length`` bytes now at ``at`` (zeros past the logical end), to complete a block."""
+        if at >= known:
+            return bytes(length)
+        tail = self._tails.get(extent_id)
+        if tail is not None and at == known - len(tail) and length >= len(tail):
+            return tail + bytes(length - len(tail))
+        got = os.pread(self._fd(extent_id, "dat"), min(length, known - at), at)
+        return got + bytes(length - len(got))
 
     def sync_data(self, extent_ids: list[int]) -> None:
         for extent_id in extent_ids:
@@ -111,19 +199,24 @@ class FileBackend(Backend):
             os.fdatasync(self._fd(extent_id, "sum"))
 
     def read_data(self, extent_id: int, offset: int, length: int) -> bytes:
+        limit = self._sizes.get(extent_id)
+        if limit is not None:  # never hand out the zero padding of a direct write
+            length = max(0, min(length, limit - offset))
         return os.pread(self._fd(extent_id, "dat"), length, offset)
 
     def read_checksums(self, extent_id: int, first_block: int, count: int) -> bytes:
-        return os.pread(self._fd(extent_id, "sum"), count * ENTRY_BYTES, first_block * ENTRY_BYTES)
+        got = os.pread(self._fd(extent_id, "sum"), count * ENTRY_BYTES, first_block * ENTRY_BYTES)
+        # The prewritten zeros past the last entry are not entries: cut them like a short read.
+        end = len(got)
+        while end >= ENTRY_BYTES and not any(got[end - ENTRY_BYTES:end]):
+            end -= ENTRY_BYTES
+        return got[:end]
 
     def data_size(self, extent_id: int) -> int:
-        size = os.fstat(self._fd(extent_id, "dat")).st_size
-        with self._lock:
-            self._sizes[extent_id] = size
-        return size
+        return os.fstat(self._fd(extent_id, "dat")).st_size
 
     def truncate(self, extent_id: int, length: int, blocks: int) -> None:
-        old = self.data_size(extent_id)
+        old = self._physical(extent_id)
         fd = self._fd(extent_id, "dat")
         os.ftruncate(fd, length)
         os.fsync(fd)
@@ -132,7 +225,9 @@ class FileBackend(Backend):
         os.fsync(sfd)
         with self._lock:
             self._sizes[extent_id] = length
-            self._used -= max(0, old - length)
+            self._phys[extent_id] = length
+            self._used -= old - length
+            self._tails.pop(extent_id, None)
 
     def set_meta(self, meta: ExtentMeta) -> None:
         path = self._path(meta.extent_id, "meta")
@@ -185,6 +280,7 @@ class FileBackend(Backend):
         with self._lock:
             self._used -= size
             self._sizes.pop(extent_id, None)
+            self._phys.pop(extent_id, None)
 
     def sweep_orphans(self) -> int:
         """Remove data/checksum files without a record (an interrupted create or delete)."""

@@ -506,6 +506,8 @@ class MetaNode:
             log.info("fenced stream %d: extent %d sealed at %d", stream_id, emap["extent_id"], min(lengths))
         await self._write(lambda c: c.execute(stream.update().where(stream.c.stream_id == stream_id)
                                               .values(state="closed", lease_holder=None, lease_expiry_ns=None)))
+        if emap is None:
+            log.info("fenced stream %d: its writer's lease expired with no extent open", stream_id)
         self.stats["fences"] += 1
 
     # ---- DataNodes ------------------------------------------------------------------

@@ -6,10 +6,12 @@ real `appendfs` CLI, as an operator would.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from cluster import files_equal, random_file, wait_for
 
 MiB = 1 << 20
@@ -77,10 +79,17 @@ def test_a_flipped_byte_is_detected_reported_and_read_around(sqlite_url: str, ma
     src = random_file(tmp_path / "src.bin", 12 * MiB, seed=3)
     locator = c.put(src)
     first_extent = int(locator.split(":")[4].split("@")[0])
-    # Corrupt that extent on every node in turn until the reader is sure to meet it: flip on all but one.
-    victims = sorted((c.root).glob(f"dn*/extents/{first_extent:016x}.dat"))
-    assert len(victims) == 3
-    for path in victims[:2]:
+    # Corrupt the two replicas the reader tries first (StoreClient.read orders them by
+    # (idx + extent_id) % 7), so it must meet bad bytes twice before the good copy.
+    eng = sa.create_engine(c.meta_url)
+    with eng.connect() as conn:
+        reps = conn.execute(sa.text("SELECT idx, node_id FROM replica WHERE extent_id = :e"), {"e": first_extent}).all()
+    eng.dispose()
+    dirs = {json.loads((d / "node.json").read_text())["node_id"]: d for d in c.root.glob("dn*")}
+    order = [node_id for idx, node_id in sorted(reps, key=lambda r: (r[0] + first_extent) % 7)]
+    assert len(order) == 3
+    victims = [dirs[n] / "extents" / f"{first_extent:016x}.dat" for n in order[:2]]
+    for path in victims:
         with open(path, "r+b") as f:
             f.seek(123457)
             byte = f.read(1)

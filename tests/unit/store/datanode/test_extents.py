@@ -149,7 +149,7 @@ async def test_checksum_mismatch_writes_nothing(store: ExtentStore) -> None:
     error_of(err, "checksum")
     assert started.calls == 0
     assert store.stat(EXT)["length"] == 5
-    assert store.backend.data_size(EXT) == 5
+    assert store.backend.read_data(EXT, 0, 10_000) == b"first"  # nothing of the rejected append
     assert store.stats["checksum_rejects"] == 1
     assert await append(store, 5, data) == 5005  # the range was not reserved either
     await assert_reads_verify(store, b"first" + data)
@@ -328,8 +328,9 @@ async def test_high_water_refuses_new_extents(device: Path, backends: list[FileB
     store.recover()
     async with serving(store):
         await store.create(meta(1))
-        await append(store, 0, payload(MiB // 2 - 1), extent_id=1)
-        await store.create(meta(2))  # just below the mark
+        # just below the mark, allowing for the 4 KiB padding of direct writes
+        await append(store, 0, payload(MiB // 2 - 4097), extent_id=1)
+        await store.create(meta(2))
         await append(store, 0, b"xy", extent_id=2)
         with pytest.raises(ExtentError) as err:
             await store.create(meta(3))
@@ -436,7 +437,7 @@ async def test_recover_cuts_data_written_without_entries(device: Path, backends:
 async def test_recover_after_losing_checksum_entries(device: Path, backends: list[FileBackend]) -> None:
     whole = await crashed_extent(device, backends, SIZES)
     sums = extent_file(device, "sum")
-    assert sums.stat().st_size == 3 * ENTRY_BYTES
+    assert sums.stat().st_size >= 3 * ENTRY_BYTES  # (the region may be prewritten with zeros)
     os.truncate(sums, 2 * ENTRY_BYTES + 5)  # the last entry torn
     await assert_recovers(device, backends, whole[:2 * BLOCK_BYTES])
     os.truncate(sums, ENTRY_BYTES)  # recovery itself cut the .sum to 2 entries; lose one more
