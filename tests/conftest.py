@@ -1,4 +1,4 @@
-"""Fixtures shared by every tier: databases on both engines.
+"""Fixtures shared by every tier: databases on both engines, and real clusters.
 
 ``pg_admin_url`` is a real PostgreSQL server for the whole session (a throwaway one
 unless APPENDFS_TEST_PG names one); ``pg_url`` is a fresh database on it per test;
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster import Cluster
 from hypothesis import HealthCheck, settings
 from pgserver import ThrowawayPostgres, create_database, drop_database, postgres_server
 
@@ -52,3 +53,35 @@ def meta_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path}/meta.db"
     else:
         yield request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
+    """Factory: make_cluster(meta_url, metanodes=1, datanodes=3) → a running Cluster."""
+    made: list[Cluster] = []
+
+    def make(meta_url: str, *, metanodes: int = 1, datanodes: int = 3, extent_max_bytes: int = 8 << 20,
+             datanode_args: tuple[str, ...] = ()) -> Cluster:
+        c = Cluster(tmp_path / f"cluster{len(made)}", meta_url, extent_max_bytes=extent_max_bytes)
+        made.append(c)
+        for _ in range(metanodes):
+            c.add_metanode()
+        for _ in range(datanodes):
+            c.add_datanode(*datanode_args)
+        if datanodes:
+            c.wait_alive(datanodes)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+        failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
+        if failed:
+            print(c.logs())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
