@@ -68,6 +68,8 @@ class Meta:
         return cls(make_engine(url, pool_size=pool_size, pre_ping=False), config)
 
     def close(self) -> None:
+        self._runner.close()
+        self._reader.close()
         self.engine.dispose()
 
     # --- plumbing ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from appendfs.meta import schema
 from appendfs.meta.errors import FsError
+from appendfs.meta.fastsql import Stmt
 from appendfs.meta.txn import Retry
 from appendfs.meta.types import Attr, DirEntry, StatFs
 
@@ -57,6 +58,7 @@ XATTR_REPLACE = 2
 #: Deeper than this, an ancestor walk means the tree is corrupt (cycle).
 MAX_DEPTH = 100_000
 
+_ATTR_FIELDS = tuple(f.name for f in dataclasses.fields(Attr))
 _ATTR_COLS = [
     I.c.ino,
     I.c.kind,
@@ -73,6 +75,83 @@ _ATTR_COLS = [
     I.c.gen,
     I.c.slice_seq,
 ]
+# Hot statements build Attr(*row) from these columns: they must stay in Attr's field order.
+assert tuple(c.key for c in _ATTR_COLS) == _ATTR_FIELDS
+
+
+# --- hot-path statements (built and compiled once; see appendfs.meta.fastsql) --------------
+# Result columns of the attr statements are exactly Attr's fields, in order: Attr(*row).
+
+_bp = sa.bindparam
+
+
+def _attr_select(lock: str | None) -> Stmt:
+    def build(_dialect: str) -> Any:
+        q = sa.select(*_ATTR_COLS).where(I.c.ino == _bp("b_ino"))
+        if lock == "key_share":
+            q = q.with_for_update(read=True, key_share=True)
+        elif lock == "write":
+            q = q.with_for_update(key_share=True)
+        elif lock == "delete":
+            q = q.with_for_update()
+        return q
+
+    return Stmt(build)
+
+
+_GET_ATTR = {lock: _attr_select(lock) for lock in (None, "key_share", "write", "delete")}
+_LOOKUP = Stmt(
+    lambda _d: (
+        sa.select(*_ATTR_COLS)
+        .select_from(D.join(I, I.c.ino == D.c.ino))
+        .where(D.c.parent == _bp("b_parent"), D.c.name == _bp("b_name"))
+    )
+)
+_GET_DENTRY = Stmt(
+    lambda _d: sa.select(D.c.ino, D.c.kind).where(
+        D.c.parent == _bp("b_parent"), D.c.name == _bp("b_name")
+    )
+)
+# Names are >= 1 byte, so ``name > b""`` is the first page.
+_READDIR_PLUS = Stmt(
+    lambda _d: (
+        sa.select(D.c.name, D.c.kind, *_ATTR_COLS)
+        .select_from(D.join(I, I.c.ino == D.c.ino))
+        .where(D.c.parent == _bp("b_parent"), D.c.name > _bp("b_after"))
+        .order_by(D.c.name)
+        .limit(_bp("b_limit", type_=sa.Integer))
+    )
+)
+_READDIR = Stmt(
+    lambda _d: (
+        sa.select(D.c.name, D.c.ino, D.c.kind)
+        .where(D.c.parent == _bp("b_parent"), D.c.name > _bp("b_after"))
+        .order_by(D.c.name)
+        .limit(_bp("b_limit", type_=sa.Integer))
+    )
+)
+_INSERT_INODE = Stmt(lambda _d: I.insert())  # every column, bound by its own name
+_INSERT_DENTRY_IGNORE = Stmt(
+    lambda d: (
+        (postgresql.insert if d == "postgresql" else sqlite.insert)(D)
+        .on_conflict_do_nothing()
+        .returning(D.c.ino)
+    )
+)
+_TOUCH_DIR = Stmt(
+    lambda _d: (
+        sa.update(I)
+        .where(I.c.ino == _bp("b_ino"), I.c.mtime_ns < _bp("b_cutoff"))
+        .values(mtime_ns=_bp("b_now"), ctime_ns=_bp("b_now"), gen=I.c.gen + 1)
+    )
+)
+_TOUCH_DIR_ALWAYS = Stmt(
+    lambda _d: (
+        sa.update(I)
+        .where(I.c.ino == _bp("b_ino"))
+        .values(mtime_ns=_bp("b_now"), ctime_ns=_bp("b_now"), gen=I.c.gen + 1)
+    )
+)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -120,15 +199,8 @@ def get_attr(conn: sa.Connection, ino: int, lock: str | None = None) -> Attr | N
     "write" (FOR NO KEY UPDATE: we update it; creates inside it may go on) or "delete"
     (FOR UPDATE: we may delete it; blocks creates inside it and opens of it).
     """
-    q = sa.select(*_ATTR_COLS).where(I.c.ino == ino)
-    if lock == "key_share":
-        q = q.with_for_update(read=True, key_share=True)
-    elif lock == "write":
-        q = q.with_for_update(key_share=True)
-    elif lock == "delete":
-        q = q.with_for_update()
-    row = conn.execute(q).first()
-    return None if row is None else row_attr(row)
+    row = _GET_ATTR[lock].first(conn, b_ino=ino)
+    return None if row is None else Attr(*row)
 
 
 def lock_inodes(
@@ -166,10 +238,8 @@ def insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) 
 
 
 def get_dentry(conn: sa.Connection, parent: int, name: bytes) -> tuple[int, int] | None:
-    row = conn.execute(
-        sa.select(D.c.ino, D.c.kind).where(D.c.parent == parent, D.c.name == name)
-    ).first()
-    return None if row is None else (row.ino, row.kind)
+    row = _GET_DENTRY.first(conn, b_parent=parent, b_name=name)
+    return None if row is None else (row[0], row[1])
 
 
 def require_dir(conn: sa.Connection, ino: int, a: Attr | None = None) -> Attr:
@@ -195,10 +265,10 @@ def dir_is_empty(conn: sa.Connection, ino: int) -> bool:
 
 def touch_dir(conn: sa.Connection, parent: int, now: int, granularity_ns: int) -> None:
     """Set a directory's mtime/ctime to now unless it is already newer than the granularity."""
-    q = sa.update(I).where(I.c.ino == parent)
     if granularity_ns > 0:
-        q = q.where(I.c.mtime_ns < now - granularity_ns)
-    conn.execute(q.values(mtime_ns=now, ctime_ns=now, gen=I.c.gen + 1))
+        _TOUCH_DIR.rowcount(conn, b_ino=parent, b_cutoff=now - granularity_ns, b_now=now)
+    else:
+        _TOUCH_DIR_ALWAYS.rowcount(conn, b_ino=parent, b_now=now)
 
 
 def is_open(conn: sa.Connection, ino: int) -> bool:
@@ -255,15 +325,10 @@ def getattr_(conn: sa.Connection, ino: int) -> Attr:
 
 
 def lookup(conn: sa.Connection, parent: int, name: bytes) -> Attr:
-    q = (
-        sa.select(*_ATTR_COLS)
-        .select_from(D.join(I, I.c.ino == D.c.ino))
-        .where(D.c.parent == parent, D.c.name == name)
-    )
-    row = conn.execute(q).first()
+    row = _LOOKUP.first(conn, b_parent=parent, b_name=name)
     if row is None:
         raise missing_entry(conn, parent, name)
-    return row_attr(row)
+    return Attr(*row)
 
 
 def readlink(conn: sa.Connection, ino: int) -> bytes:
@@ -278,17 +343,16 @@ def readlink(conn: sa.Connection, ino: int) -> bytes:
 def readdir(
     conn: sa.Connection, ino: int, after: bytes | None, limit: int, plus: bool
 ) -> list[DirEntry]:
-    if plus:
-        q = sa.select(D.c.name, D.c.kind, *_ATTR_COLS).select_from(D.join(I, I.c.ino == D.c.ino))
-    else:
-        q = sa.select(D.c.name, D.c.ino, D.c.kind)
-    q = q.where(D.c.parent == ino)
-    if after is not None:
-        q = q.where(D.c.name > after)
-    rows = conn.execute(q.order_by(D.c.name).limit(limit)).all()
+    # One indexed range scan of the (parent, name) primary key, joined to the inodes for
+    # plus; rows are plain tuples turned positionally into DirEntry/Attr.
+    stmt = _READDIR_PLUS if plus else _READDIR
+    rows = stmt.rows(conn, b_parent=ino, b_after=b"" if after is None else after, b_limit=limit)
     if not rows:
         require_dir(conn, ino)
-    return [DirEntry(bytes(r.name), r.ino, r.kind, row_attr(r) if plus else None) for r in rows]
+        return []
+    if plus:
+        return [DirEntry(bytes(r[0]), r[2], r[1], Attr(*r[2:])) for r in rows]
+    return [DirEntry(bytes(r[0]), r[1], r[2]) for r in rows]
 
 
 def statfs(conn: sa.Connection) -> StatFs:
@@ -348,8 +412,7 @@ def make(
     conn: sa.Connection, parent: int, name: bytes, new: NewInode, now: int, granularity_ns: int
 ) -> Attr:
     """mknod/create/mkdir/symlink: one new inode and its entry in ``parent``."""
-    p = get_attr(conn, parent, lock="key_share")
-    require_dir(conn, parent, p)
+    p = require_dir(conn, parent, get_attr(conn, parent, lock="key_share"))
     is_dir = new.kind == stat.S_IFDIR
     size = len(new.target) if new.target is not None else 0
     a = Attr(
@@ -368,8 +431,8 @@ def make(
         0,
         0,
     )
-    conn.execute(I.insert().values(**dataclasses.asdict(a)))
-    if not insert_ignore(conn, D, {"parent": parent, "name": name, "ino": a.ino, "kind": a.kind}):
+    _INSERT_INODE.rowcount(conn, **{f: getattr(a, f) for f in _ATTR_FIELDS})
+    if _INSERT_DENTRY_IGNORE.first(conn, parent=parent, name=name, ino=a.ino, kind=a.kind) is None:
         raise FsError(errno.EEXIST, f"{name[:64]!r} exists in directory {parent}")
     if new.target is not None:
         conn.execute(schema.symlink.insert().values(ino=a.ino, target=new.target))
@@ -380,7 +443,9 @@ def make(
             .where(I.c.ino == parent)
             .values(nlink=I.c.nlink + 1, mtime_ns=now, ctime_ns=now, gen=I.c.gen + 1)
         )
-    else:
+    elif granularity_ns == 0 or p.mtime_ns < now - granularity_ns:
+        # Skipped when the row we just read is recent enough: the UPDATE's own condition
+        # would then match nothing (a concurrent change orders after this create).
         touch_dir(conn, parent, now, granularity_ns)
     return a
 
