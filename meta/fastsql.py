@@ -71,7 +71,7 @@ class Stmt:
         args: Any = params if order is None else tuple(params[k] for k in order)
         dbapi_conn = conn.connection.dbapi_connection
         assert dbapi_conn is not None
-        cur = dbapi_conn.cursor()
+        cur: Any = dbapi_conn.cursor()  # the driver's own cursor (psycopg takes binary=)
         try:
             if dialect.driver == "psycopg":
                 # Binary results: psycopg parses 10,000 readdir rows in half the time.

@@ -58,7 +58,7 @@ XATTR_REPLACE = 2
 #: Deeper than this, an ancestor walk means the tree is corrupt (cycle).
 MAX_DEPTH = 100_000
 
-_ATTR_FIELDS = tuple(f.name for f in dataclasses.fields(Attr))
+_ATTR_FIELDS = Attr._fields
 _ATTR_COLS = [
     I.c.ino,
     I.c.kind,
@@ -225,7 +225,7 @@ def update_inode(conn: sa.Connection, a: Attr, **values: Any) -> Attr:
     res = conn.execute(sa.update(I).where(I.c.ino == a.ino, I.c.gen == a.gen).values(**values))
     if res.rowcount != 1:
         raise Retry(f"inode {a.ino} changed under us")
-    return dataclasses.replace(a, **values)
+    return a._replace(**values)
 
 
 def insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> int:
