@@ -112,16 +112,40 @@ _GET_DENTRY = Stmt(
         D.c.parent == _bp("b_parent"), D.c.name == _bp("b_name")
     )
 )
+
+
 # Names are >= 1 byte, so ``name > b""`` is the first page.
-_READDIR_PLUS = Stmt(
-    lambda _d: (
-        sa.select(D.c.name, D.c.kind, *_ATTR_COLS)
-        .select_from(D.join(I, I.c.ino == D.c.ino))
-        .where(D.c.parent == _bp("b_parent"), D.c.name > _bp("b_after"))
+def _readdir_plus(dialect: str) -> Any:
+    cond = (D.c.parent == _bp("b_parent"), D.c.name > _bp("b_after"))
+    limit = _bp("b_limit", type_=sa.Integer)
+    if dialect == "sqlite":
+        # SQLite walks the (parent, name) index in order and looks each inode up: no sort.
+        return (
+            sa.select(D.c.name, D.c.kind, *_ATTR_COLS)
+            .select_from(D.join(I, I.c.ino == D.c.ino))
+            .where(*cond)
+            .order_by(D.c.name)
+            .limit(limit)
+        )
+    # PostgreSQL: the page is cut from the (parent, name) key first and only then joined,
+    # so the work is bounded by the page whatever the statistics say (with the stale
+    # statistics of a just-filled directory the flat join was planned as a bitmap scan +
+    # sort of the whole directory for every page: 21 ms instead of 8 ms per 5,000).
+    page = (
+        sa.select(D.c.name, D.c.kind, D.c.ino)
+        .where(*cond)
         .order_by(D.c.name)
-        .limit(_bp("b_limit", type_=sa.Integer))
+        .limit(limit)
+        .subquery("page")
     )
-)
+    return (
+        sa.select(page.c.name, page.c.kind, *_ATTR_COLS)
+        .select_from(page.join(I, I.c.ino == page.c.ino))
+        .order_by(page.c.name)
+    )
+
+
+_READDIR_PLUS = Stmt(_readdir_plus)
 _READDIR = Stmt(
     lambda _d: (
         sa.select(D.c.name, D.c.ino, D.c.kind)
