@@ -114,6 +114,6 @@ def fence(c: Connection, epoch: int) -> None:
 
 
 def current(engine: Engine) -> tuple[int, str | None]:
-    with engine.connect() as c:
+    with engine.connect().execution_options(appendfs_read_only=True) as c:
         row = c.execute(sa.select(leader.c.epoch, leader.c.address).where(leader.c.id == 1)).one()
         return int(row.epoch), row.address

@@ -165,7 +165,8 @@ class MetaNode:
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
         def run() -> T:
-            with self.engine.connect() as c:
+            # A read-only begin: on SQLite a plain BEGIN that never takes the write lock.
+            with self.engine.connect().execution_options(appendfs_read_only=True) as c:
                 return fn(c)
         try:
             return await self._db(run)
