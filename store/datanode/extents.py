@@ -70,8 +70,12 @@ class ExtentStore:
     """All extents of one device, over one backend. Run :meth:`run` in a nursery."""
 
     def __init__(self, backend: Backend, *, high_water: float = 0.95, reserve_bytes: int = 64 << 20,
-                 read_threads: int = 4) -> None:
+                 read_threads: int = 4, commit_bytes: int = 8 << 20, commit_wait_s: float = 0.005) -> None:
         self.backend = backend
+        self.commit_bytes = commit_bytes
+        self.commit_wait_s = commit_wait_s
+        self._batch_bytes = 0  # bytes written since the last batch was taken
+        self._wrote = trio.Event()  # set whenever a write completes
         self.high_water = high_water
         self.reserve_bytes = reserve_bytes
         self._extents: dict[int, _Extent] = {}
@@ -137,7 +141,9 @@ class ExtentStore:
         task_status.started()
         while True:
             await self._wake.wait()
+            await self._let_batch_grow()
             self._wake = trio.Event()
+            self._batch_bytes = 0
             batch, self._batch = self._batch, _Batch()
             work: dict[int, tuple[dict[int, bytes], int]] = {}
             for extent_id in batch.extents:
@@ -164,6 +170,20 @@ class ExtentStore:
                     if batch.error is None:
                         ext.durable = max(ext.durable, written)
             batch.done.set()
+
+    async def _let_batch_grow(self) -> None:
+        """While writes are still in the device's lane, let them join this commit.
+
+        A flush costs about the same for 1 MiB as for 8 MiB on a device with a volatile
+        cache, so one commit serving the appends already in flight beats a commit each.
+        Bounded by bytes and by time (commit_bytes, commit_wait_s).
+        """
+        if self.commit_wait_s <= 0:
+            return
+        with trio.move_on_after(self.commit_wait_s):
+            while self._write_lane.borrowed_tokens and self._batch_bytes < self.commit_bytes:
+                self._wrote = trio.Event()
+                await self._wrote.wait()
 
     def _commit(self, work: dict[int, tuple[dict[int, bytes], int]]) -> None:
         ids = sorted(work)
@@ -235,6 +255,8 @@ class ExtentStore:
         for i in range(0, len(entries), ENTRY_BYTES):
             ext.pending[first_block + i // ENTRY_BYTES] = entries[i:i + ENTRY_BYTES]
         ext.written = max(ext.written, end)
+        self._batch_bytes += len(data)
+        self._wrote.set()
         await self._durable(extent_id)
         self.stats["append_latency_seconds"] += time.perf_counter() - t0
         self.stats["appends"] += 1
