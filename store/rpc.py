@@ -82,6 +82,39 @@ class ConnectionLost(AppendfsError):
     temporary = True
 
 
+class RateLimitedLog:
+    """At most ``per_second`` lines a second; then one line saying how many were dropped.
+
+    A flood of bad peers must not become a flood of log lines filling the disk.
+    """
+
+    def __init__(self, logger: logging.Logger, per_second: int = 20, clock: Any = None) -> None:
+        import time
+
+        self.logger = logger
+        self.per_second = per_second
+        self.clock = clock or time.monotonic
+        self._window = -1.0
+        self._count = 0
+        self._dropped = 0
+
+    def warning(self, msg: str, *args: Any) -> bool:
+        now = self.clock()
+        if now - self._window >= 1.0:
+            if self._dropped:
+                self.logger.warning("%d more lines like the above suppressed in the last second", self._dropped)
+            self._window, self._count, self._dropped = now, 0, 0
+        if self._count >= self.per_second:
+            self._dropped += 1
+            return False
+        self._count += 1
+        self.logger.warning(msg, *args)
+        return True
+
+
+_peer_log = RateLimitedLog(log)
+
+
 def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -352,9 +385,9 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, auth: Cl
                 await limit.acquire()
                 await nursery.start(run, event)
     except ProtocolError as exc:
-        log.warning("closing connection from %s: %s", peer, exc)
+        _peer_log.warning("closing connection from %s: %s", peer, exc)
     except trio.TooSlowError:
-        log.warning("closing connection from %s: no handshake within %.0f s", peer, opts.handshake_timeout_s)
+        _peer_log.warning("closing connection from %s: no handshake within %.0f s", peer, opts.handshake_timeout_s)
     except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         log.info("connection from %s ended: %s", peer, exc or exc.__class__.__name__)
     finally:

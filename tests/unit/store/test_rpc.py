@@ -98,3 +98,21 @@ async def test_a_wrong_secret_cannot_connect() -> None:
             with pytest.raises(ConnectionLost):
                 await (await pool.get(address)).call("x", {}, timeout_s=5)
         nursery.cancel_scope.cancel()
+
+
+def test_bad_peer_log_lines_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood of bad peers must not flood the log: N lines a second, then one summary."""
+    import logging
+
+    from appendfs.store.rpc import RateLimitedLog
+
+    now = [100.0]
+    limited = RateLimitedLog(logging.getLogger("test.peers"), per_second=3, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.peers"):
+        written = [limited.warning("bad peer %d", i) for i in range(10)]
+        now[0] += 1.5
+        limited.warning("bad peer after")
+    assert written == [True] * 3 + [False] * 7
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["bad peer 0", "bad peer 1", "bad peer 2",
+                     "7 more lines like the above suppressed in the last second", "bad peer after"]
