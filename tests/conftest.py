@@ -36,6 +36,16 @@ def pg_admin_url(pg_server: tuple[str, ThrowawayPostgres | None]) -> str:
 
 
 @pytest.fixture
+def stoppable_pg(pg_server: tuple[str, ThrowawayPostgres | None]) -> ThrowawayPostgres:
+    """The session's PostgreSQL, for outage tests that stop and restart it (pause/resume)."""
+    server = pg_server[1]
+    if server is None:
+        print("SKIP REASON: APPENDFS_TEST_PG names an external server; outage tests stop their own")
+        pytest.skip("needs the throwaway PostgreSQL (APPENDFS_TEST_PG is set)")
+    return server
+
+
+@pytest.fixture
 def pg_url(pg_admin_url: str) -> Iterator[str]:
     url = create_database(pg_admin_url)
     yield url

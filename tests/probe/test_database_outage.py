@@ -16,10 +16,8 @@ MiB = 1 << 20
 
 
 @pytest.mark.postgres
-def test_cluster_recovers_after_the_database_was_down(pg_url: str, pg_server, make_cluster, tmp_path: Path) -> None:
-    _admin, server = pg_server
-    if server is None:
-        pytest.skip("APPENDFS_TEST_PG names an external server: this test must stop and start its own")
+def test_cluster_recovers_after_the_database_was_down(pg_url: str, stoppable_pg, make_cluster, tmp_path: Path) -> None:
+    server = stoppable_pg
     c = make_cluster(pg_url, datanodes=3)
     epoch_before = c.status()["epoch"]
     src = random_file(tmp_path / "a.bin", 8 * MiB, seed=51)

@@ -6,6 +6,7 @@ import errno
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -116,15 +117,12 @@ def test_bad_names_are_refused_without_change(meta: Meta) -> None:
 
 
 def test_database_down_gives_clear_temporary_error_then_recovers(
-    pg_server: tuple[str, object], pg_url: str, open_meta_fn: Callable[..., Meta]
+    stoppable_pg: Any, pg_url: str, open_meta_fn: Callable[..., Meta]
 ) -> None:
-    server = pg_server[1]
-    if server is None:
-        print("SKIP REASON: APPENDFS_TEST_PG given; cannot stop an external server")
-        pytest.skip("needs the throwaway PostgreSQL (APPENDFS_TEST_PG is set)")
+    server = stoppable_pg
     m = open_meta_fn(pg_url, unreachable_timeout_s=1.0)
     d = m.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
-    server.pause()  # type: ignore[attr-defined]
+    server.pause()
     try:
         t0 = time.monotonic()
         with pytest.raises(MetaUnavailable, match="unreachable") as e:
@@ -133,20 +131,17 @@ def test_database_down_gives_clear_temporary_error_then_recovers(
         with pytest.raises(MetaUnavailable):
             m.getattr(d.ino)
     finally:
-        server.resume()  # type: ignore[attr-defined]
+        server.resume()
     assert m.readdir(d.ino) == []  # nothing half-applied
     m.create(d.ino, b"f", 0o644, 0, 0)
     assert m.check_invariants() == []
 
 
 def test_database_stopped_mid_transaction(
-    pg_server: tuple[str, object], pg_url: str, open_meta_fn: Callable[..., Meta]
+    stoppable_pg: Any, pg_url: str, open_meta_fn: Callable[..., Meta]
 ) -> None:
     """A rename blocked on a row lock when the server stops: all or nothing, never half."""
-    server = pg_server[1]
-    if server is None:
-        print("SKIP REASON: APPENDFS_TEST_PG given; cannot stop an external server")
-        pytest.skip("needs the throwaway PostgreSQL (APPENDFS_TEST_PG is set)")
+    server = stoppable_pg
     m = open_meta_fn(pg_url, unreachable_timeout_s=0.5)
     a = m.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
     b = m.mkdir(ROOT_INO, b"b", 0o755, 0, 0)
@@ -166,11 +161,11 @@ def test_database_stopped_mid_transaction(
     t = threading.Thread(target=mover)
     t.start()
     time.sleep(0.5)
-    server.pause()  # type: ignore[attr-defined]
+    server.pause()
     try:
         t.join(30)
     finally:
-        server.resume()  # type: ignore[attr-defined]
+        server.resume()
         blocker.invalidate()
         blocker.close()
     assert not t.is_alive() and outcome and isinstance(outcome[0], MetaUnavailable), outcome
