@@ -274,6 +274,53 @@ def status_cmd(meta_url: str, as_json: bool) -> None:
     click.echo(json.dumps(status, indent=2, default=str) if as_json else render_status(status))
 
 
+@main.command("mount")
+@meta_option
+@config_option
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("-f", "--foreground", is_flag=True, help="stay in the foreground (default: daemon once mounted)")
+@click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
+              help="allow_other, fsname=NAME, ro/nosuid/nodev/noexec/noatime…; fstab's defaults/_netdev/noauto are ignored")
+@click.option("--log-file", type=click.Path(path_type=Path), default=None,
+              help="daemon log [/var/log/appendfs/mount-<mountpoint>.log]")
+@click.option("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus /metrics here")
+@click.option("--log-level", default=None)
+@guarded
+def mount_cmd(meta_url: str, config_file: Path | None, mountpoint: Path, foreground: bool, options: tuple[str, ...],
+              log_file: Path | None, **flags: Any) -> None:
+    """Mount the filesystem at MOUNTPOINT (unmount with `umount MOUNTPOINT` or SIGTERM)."""
+    from appendfs.config import load
+    from appendfs.fs import FsConfig
+    from appendfs.mount.config import MountConfig
+    from appendfs.mount.main import IGNORED_OPTIONS, KERNEL_OPTIONS, run
+    from appendfs.store.client.config import ClientConfig
+
+    kernel: set[str] = set()
+    for opt in ",".join(options).split(","):
+        key, _, value = opt.strip().partition("=")
+        if not key or key in IGNORED_OPTIONS or key.startswith(("x-", "comment=")):
+            continue
+        if key in KERNEL_OPTIONS:
+            kernel.add(key)
+        elif key == "allow_other":
+            flags["allow_other"] = True
+        elif key == "fsname" and value:
+            flags["fsname"] = value
+        elif key == "default_permissions":
+            pass  # always on
+        else:
+            raise ConfigError(f"-o {opt}: unknown mount option (see `appendfs mount --help`)")
+    mcfg = load(MountConfig, "mount", file=config_file, flags=flags)
+    fcfg = load(FsConfig, "fs", file=config_file)
+    ccfg = load(ClientConfig, "client", file=config_file)
+    setup_logging(mcfg.log_level)
+    mountpoint = mountpoint.absolute()
+    if not foreground and log_file is None:
+        log_file = Path("/var/log/appendfs") / f"mount{str(mountpoint).replace('/', '-')}.log"
+    sys.exit(run(meta_url, mountpoint, mcfg, fcfg, ccfg, foreground=foreground, kernel_options=frozenset(kernel),
+                 log_file=log_file))
+
+
 @main.command("up")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True, help="directory for everything")
 @click.option("--mount", "mountpoint", type=click.Path(path_type=Path), default=None, help="mount the filesystem here")

@@ -108,6 +108,11 @@ class StoreClient:
                     log.error("lost the lease of stream %d", sid)
                     s._broken = LeaseLost(f"lease of stream {sid} lost (fenced after expiry)")
 
+    async def capacity(self) -> dict[str, int]:
+        """Raw capacity/used/free bytes of the live devices (for statfs)."""
+        res = await self.meta.call("capacity", {}, wait_s=5.0)
+        return {k: int(res[k]) for k in ("capacity_bytes", "used_bytes", "free_bytes")}
+
     # ---- extent maps ----------------------------------------------------------------
 
     def _cache_map(self, m: dict[str, Any]) -> None:

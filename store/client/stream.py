@@ -121,6 +121,12 @@ class LogStream:
 
     # ---- public API -----------------------------------------------------------------
 
+    @property
+    def failed(self) -> BaseException | None:
+        """The error that broke this stream (no more appends), or None while it works."""
+        return self._broken
+
+
     async def append(self, data: bytes | bytearray | memoryview) -> Ticket:
         """Queue ``data``; returns at once unless the window is full (backpressure)."""
         if self._broken is not None:

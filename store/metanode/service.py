@@ -570,6 +570,21 @@ class MetaNode:
             state="ok", reason=None)))
         return {"extent_id": extent_id, "action": "seal", "length": sealed}
 
+    # ---- capacity (statfs) ----------------------------------------------------------
+
+    async def op_capacity(self) -> dict[str, Any]:
+        """Raw bytes of live devices, from heartbeats in memory (no SQL: statfs calls it often)."""
+        now = trio.current_time()
+        total = used = free = 0
+        for n in self.nodes.values():
+            if now - n.last_seen > self.cfg.dead_after_s:
+                continue
+            for d in n.devices:
+                total += int(d["capacity_bytes"])
+                used += int(d["used_bytes"])
+                free += 0 if d.get("full") else int(d["free_bytes"])
+        return {"capacity_bytes": total, "used_bytes": used, "free_bytes": free}
+
     # ---- status ---------------------------------------------------------------------
 
     async def op_status(self) -> dict[str, Any]:

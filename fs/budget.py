@@ -1,0 +1,102 @@
+"""Counting primitives of the file layer: a byte budget (backpressure) and a block cache.
+
+:class:`ByteBudget` bounds the file data a client holds between ``write()`` and the commit
+of its slice (dirty buffers, bytes in flight to DataNodes, acknowledged but uncommitted):
+a writer that would exceed it waits until commits give bytes back. :class:`BlockCache` is
+a byte-bounded LRU of verified extent bytes keyed by ``(extent_id, block)``; extent bytes
+below the acknowledged length never change (append-only), so entries need no
+invalidation, only eviction.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+
+class ByteBudget:
+    """A weighted semaphore over bytes, fair in arrival order."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._waiters: list[tuple[int, trio.Event]] = []
+
+    async def take(self, n: int) -> None:
+        n = min(n, self.total)  # one request larger than everything waits for an empty budget
+        if not self._waiters and self.used + n <= self.total:
+            self.used += n
+            await trio.lowlevel.checkpoint()
+            return
+        ev = trio.Event()
+        item = (n, ev)
+        self._waiters.append(item)
+        try:
+            await ev.wait()
+        except BaseException:
+            if item in self._waiters:
+                self._waiters.remove(item)
+            else:  # granted just as we were cancelled: give it back
+                self.give(n)
+            raise
+
+    def give(self, n: int) -> None:
+        self.used = max(0, self.used - min(n, self.total))
+        while self._waiters and self.used + self._waiters[0][0] <= self.total:
+            need, ev = self._waiters.pop(0)
+            self.used += need
+            ev.set()
+
+
+@dataclass
+class _Fetch:
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes = b""
+    lo: int = 0
+    error: BaseException | None = None
+
+
+class BlockCache:
+    """LRU of extent byte ranges ``[lo, lo+len(data))`` inside block ``(extent_id, n)``."""
+
+    def __init__(self, capacity_bytes: int, block_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.block_bytes = block_bytes
+        self.used_bytes = 0
+        self._entries: OrderedDict[tuple[int, int], tuple[int, bytes]] = OrderedDict()
+        self.inflight: dict[tuple[int, int], _Fetch] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, extent_id: int, lo: int, hi: int) -> bytes | None:
+        """Bytes ``[lo, hi)`` of the extent if one cached entry holds them all."""
+        key = (extent_id, lo // self.block_bytes)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] > lo or entry[0] + len(entry[1]) < hi:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        start = lo - entry[0]
+        return entry[1][start:start + hi - lo]
+
+    def put(self, extent_id: int, lo: int, data: bytes) -> None:
+        if len(data) > self.capacity_bytes:
+            return
+        key = (extent_id, lo // self.block_bytes)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.used_bytes -= len(old[1])
+            if old[0] <= lo and old[0] + len(old[1]) >= lo + len(data):
+                data, lo = old[1], old[0]  # keep the wider entry
+        self._entries[key] = (lo, data)
+        self.used_bytes += len(data)
+        while self.used_bytes > self.capacity_bytes and self._entries:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.used_bytes -= len(dropped)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.used_bytes = 0

@@ -1,0 +1,630 @@
+"""FileSystem: the POSIX file layer over the namespace (meta/) and the store client.
+
+One object per client process (the mount, an S3 gateway). It owns
+
+* a :class:`~appendfs.meta.Meta` (sync SQL, called through ``trio.to_thread`` with a
+  CapacityLimiter sized to its pool — DESIGN §3) and a namespace *session* kept alive by
+  heartbeats, so files unlinked while open here stay readable until released;
+* a :class:`~appendfs.store.client.StoreClient` and a :class:`~appendfs.fs.streams.StreamPool`
+  (owner ``fs``) that file data is appended to;
+* the open files (:mod:`appendfs.fs.files`), the write budget and the block cache;
+* background tasks in its nursery: commit loops, the aged-buffer flusher, heartbeats and
+  maintenance (dead sessions of other clients, slices of deleted files).
+
+Every method is ``async`` and raises the namespace's :class:`~appendfs.meta.FsError`
+(errno), :class:`~appendfs.meta.MetaUnavailable`, a :class:`~appendfs.store.errors.StoreError`
+or ``trio.TooSlowError``; callers (``mount/``, ``s3/``) translate them in one place.
+
+Consistency (DESIGN §3): close-to-open. ``open`` reads fresh attributes; when another
+client changed the file since this one last saw it, the caller is told not to keep its
+page cache and the slice map is reloaded. Within one client, everything written is
+visible at once (reads overlay uncommitted chunks).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import functools
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from appendfs.fs.budget import BlockCache, ByteBudget, _Fetch
+from appendfs.fs.config import FsConfig
+from appendfs.fs.files import Chunk, OpenFile, SegmentMap, overlay, place_pieces
+from appendfs.fs.streams import StreamPool
+from appendfs.meta import Attr, DirEntry, FsError, Meta, MetaConfig, SessionExpired, resolve
+from appendfs.meta.slices import Segment
+from appendfs.store.client import ClientConfig, StoreClient
+from appendfs.store.placement import PolicyError, parse_policy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Directory (and file) xattr naming the redundancy of new files below it.
+POLICY_XATTR = b"user.appendfs.redundancy"
+_SEEN_MAX = 100_000
+
+
+@dataclass(eq=False)
+class Handle:
+    """One open file description (FUSE ``fh``); tracks sequential reading for readahead."""
+
+    fh: int
+    of: OpenFile
+    flags: int
+    next_off: int = -1
+    streak: int = 0
+    ra_next: int = 0
+    window: int = 0
+
+
+class FileSystem:
+    def __init__(self, meta: Meta, client: StoreClient, cfg: FsConfig, nursery: trio.Nursery) -> None:
+        self.meta = meta
+        self.client = client
+        self.cfg = cfg
+        self.streams = StreamPool(client, cfg.streams_per_policy)
+        self.budget = ByteBudget(cfg.write_buffer_bytes)
+        self.cache = BlockCache(cfg.cache_bytes, cfg.block_bytes)
+        self.sid = 0
+        self._nursery = nursery
+        self._db_lane = trio.CapacityLimiter(cfg.meta_pool)
+        self._ra_lane = trio.CapacityLimiter(cfg.readahead_parallel)
+        self._files: dict[int, OpenFile] = {}
+        self._handles: dict[int, Handle] = {}
+        self._fh = itertools.count(1)
+        self._seen_gen: OrderedDict[int, int] = OrderedDict()
+        self._dir_policy_cache: dict[int, tuple[str | None, float]] = {}
+        self._statfs: tuple[float, dict[str, int]] | None = None
+        self._relieving = False
+
+    # ---- lifetime -------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, meta_url: str, cfg: FsConfig | None = None,
+                   client_cfg: ClientConfig | None = None, owner: str | None = None) -> AsyncIterator[FileSystem]:
+        """Connect to META_URL and the cluster; on exit flush every file and release all."""
+        cfg = cfg or FsConfig()
+        mcfg = MetaConfig(unreachable_timeout_s=cfg.meta_timeout_s, session_ttl_s=cfg.session_ttl_s)
+        meta = await trio.to_thread.run_sync(lambda: Meta.from_url(meta_url, mcfg, pool_size=cfg.meta_pool))
+        try:
+            async with StoreClient.connect(meta_url, client_cfg) as client, trio.open_nursery() as nursery:
+                fs = cls(meta, client, cfg, nursery)
+                fs.sid = await fs._meta(meta.open_session, owner)
+                nursery.start_soon(fs._heartbeats)
+                nursery.start_soon(fs._flusher)
+                nursery.start_soon(fs._maintenance)
+                try:
+                    yield fs
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(60):
+                        await fs._shutdown()
+                    nursery.cancel_scope.cancel()
+        finally:
+            await trio.to_thread.run_sync(meta.close)
+
+    async def _shutdown(self) -> None:
+        for of in list(self._files.values()):
+            try:
+                await self._flush_file(of)
+            except Exception as exc:
+                log.error("inode %d: data not committed at shutdown: %s", of.ino, exc)
+        await self.streams.close()
+        try:
+            await self._meta(self.meta.close_session, self.sid)
+        except Exception as exc:
+            log.warning("closing session %d: %s (it expires by itself)", self.sid, exc)
+
+    async def _meta(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw), limiter=self._db_lane)
+
+    # ---- attributes -----------------------------------------------------------------
+
+    def _view(self, attr: Attr) -> Attr:
+        of = self._files.get(attr.ino)
+        return of.view(attr) if of is not None else attr
+
+    async def getattr(self, ino: int) -> Attr:
+        return self._view(await self._meta(self.meta.getattr, ino))
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        return self._view(await self._meta(self.meta.lookup, parent, name))
+
+    async def setattr(self, ino: int, **changes: int | None) -> Attr:
+        """chmod/chown/truncate/utimes. Pending writes are committed first, so an explicit
+        mtime (``cp -p``) or a truncation is applied after them, not overtaken."""
+        of = self._files.get(ino)
+        if of is not None and of.pending:
+            await self._flush_file(of)
+        if of is not None and changes.get("size") is not None:
+            async with of.lock:  # no write may slip between the flush and the truncation
+                await self._flush_file(of, locked=True)
+                attr = await self._meta(self.meta.setattr, ino, **changes)
+                of.segmap = None
+                of.adopt(attr)
+                of.local_size = attr.size
+        else:
+            attr = await self._meta(self.meta.setattr, ino, **changes)
+            if of is not None:
+                of.adopt(attr)
+        self._saw(attr)
+        return self._view(attr)
+
+    def _saw(self, attr: Attr) -> None:
+        self._seen_gen[attr.ino] = attr.gen
+        self._seen_gen.move_to_end(attr.ino)
+        if len(self._seen_gen) > _SEEN_MAX:
+            self._seen_gen.popitem(last=False)
+
+    # ---- namespace ------------------------------------------------------------------
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        policy = await self._dir_policy(parent)
+        attr = await self._meta(self.meta.mkdir, parent, name, mode, uid, gid)
+        if policy is not None:
+            await self._meta(self.meta.setxattr, attr.ino, POLICY_XATTR, policy.encode())
+        return attr
+
+    async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int) -> Attr:
+        return await self._meta(self.meta.mknod, parent, name, mode, uid, gid, rdev)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        return await self._meta(self.meta.symlink, parent, name, target, uid, gid)
+
+    async def readlink(self, ino: int) -> bytes:
+        return await self._meta(self.meta.readlink, ino)
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        return self._view(await self._meta(self.meta.link, ino, new_parent, new_name))
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self._meta(self.meta.unlink, parent, name)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._meta(self.meta.rmdir, parent, name)
+        self._dir_policy_cache.clear()
+
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
+        await self._meta(self.meta.rename, parent, name, new_parent, new_name, flags)
+
+    async def readdir(self, ino: int, after: bytes | None, limit: int) -> list[DirEntry]:
+        entries = await self._meta(self.meta.readdir, ino, after, limit, plus=True)
+        if self._files:
+            entries = [e._replace(attr=self._view(e.attr)) if e.attr is not None and e.ino in self._files else e
+                       for e in entries]
+        return entries
+
+    # ---- xattrs and the redundancy policy -------------------------------------------
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        return await self._meta(self.meta.getxattr, ino, name)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return await self._meta(self.meta.listxattr, ino)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if name == POLICY_XATTR:
+            value = check_policy(value)
+        await self._meta(self.meta.setxattr, ino, name, value, flags)
+        if name == POLICY_XATTR:
+            self._dir_policy_cache.pop(ino, None)
+            of = self._files.get(ino)
+            if of is not None:
+                of.redundancy = value.decode()
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self._meta(self.meta.removexattr, ino, name)
+        if name == POLICY_XATTR:
+            self._dir_policy_cache.pop(ino, None)
+
+    async def _policy_of(self, ino: int) -> str | None:
+        try:
+            return (await self._meta(self.meta.getxattr, ino, POLICY_XATTR)).decode()
+        except FsError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOENT):
+                return None
+            raise
+
+    async def _dir_policy(self, ino: int) -> str | None:
+        now = trio.current_time()
+        hit = self._dir_policy_cache.get(ino)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        policy = await self._policy_of(ino)
+        if len(self._dir_policy_cache) > 10_000:
+            self._dir_policy_cache.clear()
+        self._dir_policy_cache[ino] = (policy, now + max(self.cfg.attr_timeout_s, 0.1))
+        return policy
+
+    # ---- open, create, release ------------------------------------------------------
+
+    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, flags: int) -> tuple[int, Attr]:
+        policy = await self._dir_policy(parent)
+        attr = await self._meta(self.meta.create, parent, name, mode, uid, gid)
+        if policy is not None:
+            await self._meta(self.meta.setxattr, attr.ino, POLICY_XATTR, policy.encode())
+        fh, _ = await self._open(attr.ino, flags, policy or self.cfg.redundancy)
+        return fh, attr
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open ``ino``; returns (fh, keep_cache): keep_cache is False when another client
+        changed the file since this one last saw it (close-to-open)."""
+        return await self._open(ino, flags, None)
+
+    async def _open(self, ino: int, flags: int, redundancy: str | None) -> tuple[int, bool]:
+        attr = await self._meta(self.meta.open, self.sid, ino)
+        try:
+            of = self._files.get(ino)
+            if of is None:
+                if redundancy is None:
+                    redundancy = await self._policy_of(ino) or self.cfg.redundancy
+                of = self._files.get(ino)  # another open may have raced us through the await
+                if of is None:
+                    of = self._files[ino] = OpenFile(ino, attr, redundancy)
+            keep = self._seen_gen.get(ino) == attr.gen
+            if not of.pending:
+                of.adopt(attr)
+            if not keep:
+                of.segmap = None
+            self._saw(attr)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._meta(self.meta.release, self.sid, ino)
+            raise
+        of.handles += 1
+        fh = next(self._fh)
+        self._handles[fh] = Handle(fh, of, flags)
+        return fh, keep
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF, f"no open file handle {fh}") from None
+
+    async def flush(self, fh: int) -> None:
+        """close(2)/fsync(2): commit everything written so far; raise a deferred error once."""
+        await self._flush_file(self.handle(fh).of)
+
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        of = h.of
+        of.handles -= 1
+        try:
+            if of.handles == 0:
+                try:
+                    await self._flush_file(of)
+                except Exception as exc:  # release has nobody to report to (DESIGN §4)
+                    log.error("inode %d: write lost at release: %s", of.ino, exc)
+                if of.handles == 0 and not of.pending:
+                    self._files.pop(of.ino, None)
+        finally:
+            await self._meta(self.meta.release, self.sid, of.ino)
+
+    # ---- writes ---------------------------------------------------------------------
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        of = self.handle(fh).of
+        if of.error is not None:
+            raise of.error
+        n = len(data)
+        if n == 0:
+            return 0
+        async with of.lock:
+            d = of.dirty
+            if d is not None and d.file_off <= off <= d.end and off + n - d.file_off <= 2 * self.cfg.chunk_bytes:
+                await self._take(max(0, off + n - d.end))
+                rel = off - d.file_off
+                d.data[rel:rel + n] = data
+            else:
+                if d is not None:
+                    await self._send(of)
+                await self._take(n)
+                of.dirty = Chunk(off, bytearray(data))
+                of.dirty_since = trio.current_time()
+            of.note_write(off + n)
+            if of.dirty is not None and len(of.dirty.data) >= self.cfg.chunk_bytes:
+                await self._send(of)
+        return n
+
+    async def _take(self, n: int) -> None:
+        if n and self.budget.used + n > self.budget.total and not self._relieving:
+            self._relieving = True
+            self._nursery.start_soon(self._relieve)
+        await self.budget.take(n)
+
+    async def _relieve(self) -> None:
+        """The write budget is exhausted: send every idle dirty buffer so commits free it."""
+        try:
+            for of in list(self._files.values()):
+                if of.dirty is not None and not of.lock.locked():
+                    async with of.lock:
+                        await self._send(of)
+        finally:
+            self._relieving = False
+
+    async def _send(self, of: OpenFile) -> None:
+        """Hand the dirty chunk to the file's stream (call with ``of.lock`` held)."""
+        d, of.dirty = of.dirty, None
+        if d is None:
+            return
+        try:
+            stream = await self.streams.stream_for(of.redundancy, of.ino)
+            d.ticket = await stream.append(d.data)
+        except Exception as exc:
+            self.budget.give(len(d.data))
+            log.error("inode %d: %d bytes at %d not stored: %s", of.ino, len(d.data), d.file_off, exc)
+            of.error = of.error or exc
+            return
+        of.sent.append(d)
+        of.mark_busy()
+        if not of.committing:
+            of.committing = True
+            self._nursery.start_soon(self._commit_loop, of)
+
+    async def _commit_loop(self, of: OpenFile) -> None:
+        """Commit acknowledged chunks of ``of`` in order, batching those already done."""
+        try:
+            while of.sent:
+                first = of.sent[0]
+                assert first.ticket is not None
+                try:
+                    await first.ticket.wait()
+                except Exception as exc:
+                    self._fail_pending(of, exc)
+                    break
+                batch = [first]
+                for c in itertools.islice(of.sent, 1, None):
+                    t = c.ticket
+                    if t is None or not (t.done.is_set() and t.error is None):
+                        break
+                    batch.append(c)
+                slices = [s for c in batch for s in place_pieces(c, _pieces(c))]
+                try:
+                    attr = await self._meta(self.meta.commit_slices, of.ino, slices, mtime_ns=of.last_write_ns or None)
+                except Exception as exc:
+                    self._fail_pending(of, exc)
+                    break
+                for c in batch:
+                    of.sent.popleft()
+                    self.budget.give(len(c.data))
+                of.adopt(attr)
+                self._saw(attr)
+        finally:
+            of.committing = False
+            of.idle.set()
+            if of.handles == 0 and not of.pending and self._files.get(of.ino) is of:
+                self._files.pop(of.ino, None)
+
+    def _fail_pending(self, of: OpenFile, exc: BaseException) -> None:
+        lost = sum(len(c.data) for c in of.sent)
+        log.error("inode %d: %d written bytes not committed: %s", of.ino, lost, exc)
+        of.error = of.error or exc
+        for c in of.sent:
+            self.budget.give(len(c.data))
+        of.sent.clear()
+
+    async def _flush_file(self, of: OpenFile, *, locked: bool = False) -> None:
+        if locked:
+            await self._send(of)
+        else:
+            async with of.lock:
+                await self._send(of)
+        while of.sent or of.committing:
+            await of.idle.wait()
+        if of.error is not None:
+            err, of.error = of.error, None
+            raise err
+
+    async def _flusher(self) -> None:
+        """Send write buffers nobody touched for ``flush_age_s`` (bounded staleness)."""
+        period = min(1.0, self.cfg.flush_age_s / 2)
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for of in list(self._files.values()):
+                if of.dirty is not None and now - of.dirty_since >= self.cfg.flush_age_s and not of.lock.locked():
+                    async with of.lock:
+                        await self._send(of)
+
+    # ---- reads ----------------------------------------------------------------------
+
+    async def _segmap(self, of: OpenFile) -> SegmentMap:
+        m = of.segmap
+        if m is None:
+            attr, items = await self._meta(self.meta.slices, of.ino)
+            m = SegmentMap.build(attr, resolve(items, 0, attr.size))
+            if not of.pending:
+                of.adopt(attr)
+            of.segmap = m
+        return m
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handle(fh)
+        of = h.of
+        chunks = of.pending_chunks()  # before the slice map: see the module docstring
+        m = await self._segmap(of)
+        end = min(off + size, max(m.size, of.local_size if chunks else 0))
+        if end <= off:
+            return b""
+        sequential = off == h.next_off or off == 0
+        h.streak = h.streak + 1 if sequential else 0
+        h.next_off = end
+        pieces = m.covering(off, end)
+        if h.streak >= 2:
+            self._readahead(h, m, end)
+        if len(pieces) == 1 and pieces[0].extent_id is not None and pieces[0].file_off == off \
+                and pieces[0].length == end - off and not any(c.file_off < end and c.end > off for c in chunks):
+            return await self._read_segment(m, pieces[0], h.streak >= 1)
+        buf = bytearray(end - off)
+        for p in pieces:
+            if p.extent_id is not None:
+                data = await self._read_segment(m, p, h.streak >= 1)
+                buf[p.file_off - off:p.end - off] = data
+        overlay(buf, off, chunks)
+        return bytes(buf)
+
+    async def _read_segment(self, m: SegmentMap, p: Segment, sequential: bool) -> bytes:
+        assert p.extent_id is not None
+        if not sequential:
+            return await self.client.read(p.extent_id, p.ext_off, p.length)
+        lo_ext, hi_ext = self._extent_span(m, p)
+        parts = []
+        bb = self.cache.block_bytes
+        pos, stop = p.ext_off, p.ext_off + p.length
+        while pos < stop:
+            block = pos // bb
+            hi = min(stop, (block + 1) * bb)
+            data = self.cache.get(p.extent_id, pos, hi)
+            if data is None:
+                data = await self._fetch_block(p.extent_id, block, pos, hi, lo_ext, hi_ext)
+            parts.append(data)
+            pos = hi
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @staticmethod
+    def _extent_span(m: SegmentMap, p: Segment) -> tuple[int, int]:
+        """The extent range of the whole committed segment holding ``p``: known to exist,
+        so a block read may widen to it (never past it: beyond may be another writer's
+        unacknowledged tail, or past the extent's end)."""
+        whole = m.segments[bisect.bisect_right(m.starts, p.file_off) - 1]
+        return whole.ext_off, whole.ext_off + whole.length
+
+    async def _fetch_block(self, extent_id: int, block: int, need_lo: int, need_hi: int,
+                           span_lo: int, span_hi: int) -> bytes:
+        key = (extent_id, block)
+        bb = self.cache.block_bytes
+        f = self.cache.inflight.get(key)
+        if f is not None:
+            await f.done.wait()
+            if f.error is None and f.lo <= need_lo and f.lo + len(f.data) >= need_hi:
+                return f.data[need_lo - f.lo:need_hi - f.lo]
+        lo, hi = max(block * bb, span_lo, 0), min((block + 1) * bb, span_hi)
+        lo, hi = min(lo, need_lo), max(hi, need_hi)
+        f = _Fetch(lo=lo)
+        self.cache.inflight[key] = f
+        try:
+            f.data = await self.client.read(extent_id, lo, hi - lo)
+            self.cache.put(extent_id, lo, f.data)
+        except BaseException as exc:
+            f.error = exc
+            raise
+        finally:
+            f.done.set()
+            if self.cache.inflight.get(key) is f:
+                del self.cache.inflight[key]
+        return f.data[need_lo - lo:need_hi - lo]
+
+    def _readahead(self, h: Handle, m: SegmentMap, end: int) -> None:
+        """Start block reads for the next window of a sequential reader (in the background)."""
+        if self.cache.capacity_bytes < 2 * self.cache.block_bytes:
+            return
+        h.window = min(self.cfg.readahead_bytes, max(2 * self.cache.block_bytes, h.window * 2))
+        target = min(m.size, end + h.window)
+        start = max(h.ra_next, end)
+        if start >= target:
+            return
+        h.ra_next = target
+        bb = self.cache.block_bytes
+        for p in m.covering(start, target):
+            if p.extent_id is None:
+                continue
+            lo_ext, hi_ext = self._extent_span(m, p)
+            pos = p.ext_off
+            while pos < p.ext_off + p.length:
+                block = pos // bb
+                hi = min(p.ext_off + p.length, (block + 1) * bb)
+                key = (p.extent_id, block)
+                if key not in self.cache.inflight and self.cache.get(p.extent_id, pos, hi) is None:
+                    self._nursery.start_soon(self._prefetch, p.extent_id, block, pos, hi, lo_ext, hi_ext)
+                pos = hi
+
+    async def _prefetch(self, extent_id: int, block: int, lo: int, hi: int, span_lo: int, span_hi: int) -> None:
+        async with self._ra_lane:
+            if (extent_id, block) in self.cache.inflight or self.cache.get(extent_id, lo, hi) is not None:
+                return
+            try:
+                await self._fetch_block(extent_id, block, lo, hi, span_lo, span_hi)
+            except Exception as exc:  # the reader will fetch (and report) it itself
+                log.debug("readahead of extent %d block %d failed: %s", extent_id, block, exc)
+
+    # ---- statfs ---------------------------------------------------------------------
+
+    async def statfs(self) -> dict[str, int]:
+        """Sizes for statvfs: usable bytes (raw ÷ default copies), inodes."""
+        now = trio.current_time()
+        if self._statfs is not None and now - self._statfs[0] < self.cfg.statfs_cache_s:
+            return self._statfs[1]
+        ns = await self._meta(self.meta.statfs)
+        try:
+            cap = await self.client.capacity()
+        except Exception as exc:
+            log.warning("statfs: capacity unknown (%s)", exc)
+            cap = {"capacity_bytes": ns.used_bytes, "used_bytes": ns.used_bytes, "free_bytes": 0}
+        copies = max(1, parse_policy(self.cfg.redundancy).width)
+        out = {"total_bytes": cap["capacity_bytes"] // copies, "free_bytes": cap["free_bytes"] // copies,
+               "used_inodes": ns.used_inodes, "free_inodes": 1 << 40}
+        self._statfs = (now, out)
+        return out
+
+    # ---- background -----------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self.cfg.session_ttl_s / 4)
+            try:
+                await self._meta(self.meta.heartbeat, self.sid)
+            except SessionExpired:
+                log.error("session %d was declared dead (missed heartbeats); opening a new one", self.sid)
+                try:
+                    self.sid = await self._meta(self.meta.open_session, None)
+                    for ino in [i for i, of in self._files.items() if of.handles]:
+                        await self._meta(self.meta.open, self.sid, ino)
+                except Exception as exc:
+                    log.error("re-opening the session: %s", exc)
+            except Exception as exc:
+                log.warning("session heartbeat failed: %s", exc)
+
+    async def _maintenance(self) -> None:
+        """Work any client may do: end dead sessions, purge slices of deleted files."""
+        while True:
+            await trio.sleep(self.cfg.maintenance_interval_s)
+            try:
+                await self._meta(self.meta.clean_dead_sessions)
+                for ino, _, _ in await self._meta(self.meta.delete_queue, 20):
+                    await self._meta(self.meta.purge_deleted, ino)
+            except Exception as exc:
+                log.warning("maintenance: %s", exc)
+
+    def stats(self) -> dict[str, int]:
+        return {"open_files": len(self._files), "handles": len(self._handles), "buffered_bytes": self.budget.used,
+                "cache_bytes": self.cache.used_bytes, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses}
+
+
+def _pieces(c: Chunk) -> list[tuple[int, int, int]]:
+    assert c.ticket is not None
+    return [(p.extent_id, p.ext_off, p.length) for p in c.ticket.pieces]
+
+
+def check_policy(value: bytes) -> bytes:
+    """Validate a ``user.appendfs.redundancy`` value (EINVAL with the reason if bad)."""
+    try:
+        text = value.decode().strip()
+        p = parse_policy(text)
+    except (UnicodeDecodeError, PolicyError) as exc:
+        raise FsError(errno.EINVAL, f"bad redundancy policy {value[:40]!r}: {exc}") from None
+    if p.kind != "rep":
+        raise FsError(errno.EOPNOTSUPP, f"{text}: erasure coding is not available yet (rep:N only)")
+    return text.encode()
+

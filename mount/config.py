@@ -1,0 +1,20 @@
+"""Configuration of the mount daemon (TOML table ``[mount]``, env ``APPENDFS_MOUNT_*``).
+
+The file layer's settings are in ``[fs]`` (:class:`appendfs.fs.FsConfig`) and the store
+client's in ``[client]``; this table holds only what is about the FUSE mount itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from appendfs.config import host_port, option, positive
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    allow_other: bool = option(False, "let users other than the one mounting use the mount (multi-user hosts)")
+    fsname: str = option("appendfs", "the source shown by mount(8) and df")
+    max_tasks: int = option(64, "FUSE requests served at once", positive)
+    metrics: str | None = option(None, "serve Prometheus /metrics on HOST:PORT", host_port)
+    log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")

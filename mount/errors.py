@@ -1,0 +1,81 @@
+"""The one place where exceptions become errno values (DESIGN §4).
+
+Every FUSE handler in :mod:`appendfs.mount.ops` is wrapped by :func:`fuse_errors`: an
+exception that escaped a pyfuse3 handler would end the whole mount (ENOTCONN for every
+process), so each one is turned into a ``FUSEError(errno)`` here:
+
+=====================================  =======================================
+FsError (namespace)                    its own errno (ENOENT, EEXIST, ENOTEMPTY…)
+MetaUnavailable / CommitOutcomeUnknown EIO  (database unreachable past its budget)
+NoSpace (store)                        ENOSPC
+Unavailable / Unreadable / StoreError  EIO  (not enough DataNodes, no good replica)
+trio.TooSlowError                      EIO
+OSError with an errno                  that errno
+anything else                          EIO, logged with its traceback
+=====================================  =======================================
+
+Cancellation (trio.Cancelled, KeyboardInterrupt) is never converted: it ends the handler.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from appendfs.meta import FsError, MetaUnavailable
+from appendfs.store.errors import NoSpace, StoreError
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def errno_of(exc: BaseException, where: str = "") -> int:
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    if isinstance(exc, FsError):
+        return exc.errno
+    if isinstance(exc, MetaUnavailable):
+        log.warning("%s: namespace unavailable: %s", where, exc)
+        return errno.EIO
+    if isinstance(exc, NoSpace):
+        return errno.ENOSPC
+    if isinstance(exc, StoreError):
+        log.warning("%s: store: %s", where, exc)
+        return errno.EIO
+    if isinstance(exc, trio.TooSlowError):
+        log.warning("%s: timed out", where)
+        return errno.EIO
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return errno_of(exc.exceptions[0], where)
+    log.error("%s: unexpected error, answering EIO", where, exc_info=exc)
+    return errno.EIO
+
+
+def fuse_errors(fn: F) -> F:
+    """Wrap a pyfuse3 handler so every error leaves it as a FUSEError (never kills the mount)."""
+    where = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kw: Any) -> Any:
+        try:
+            return await fn(*args, **kw)
+        except pyfuse3.FUSEError:
+            raise
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            raise pyfuse3.FUSEError(errno_of(exc, where)) from None
+        except BaseExceptionGroup as group:
+            if group.subgroup(trio.Cancelled) is not None:
+                raise
+            raise pyfuse3.FUSEError(errno_of(group, where)) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,165 @@
+"""Running a mount: checks before mounting, the trio main loop, daemon mode, clean unmount.
+
+``appendfs mount --meta META_URL MOUNTPOINT`` (and ``mount.appendfs`` from /etc/fstab) end
+here. Order of a mount's life:
+
+1. :func:`preflight` — the mountpoint is a directory, not already (or formerly, by a
+   dead process) a mount; ``/dev/fuse`` can be opened. Each failure is one clear line.
+2. Daemon mode forks before any thread or trio run; the parent waits on a pipe until the
+   child reports "mounted" (exit 0) or the reason it could not mount (exit 1).
+3. :func:`serve` connects the :class:`~appendfs.fs.FileSystem`, mounts with pyfuse3 and
+   serves until SIGTERM/SIGINT or an external ``umount``; then it stops taking requests,
+   unmounts, commits buffered data and releases its session and streams.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from appendfs.errors import AppendfsError
+from appendfs.fs import FileSystem, FsConfig
+from appendfs.mount.config import MountConfig
+from appendfs.mount.ops import Operations
+from appendfs.store.client import ClientConfig
+
+log = logging.getLogger(__name__)
+
+#: Options passed through to the kernel mount as they are.
+KERNEL_OPTIONS = frozenset({"ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime",
+                            "atime", "relatime", "sync", "async", "dirsync"})
+#: fstab options that concern mount(8) or systemd, not us.
+IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"})
+
+
+class MountError(AppendfsError):
+    """The mount cannot start; the message says why and what to do."""
+
+
+def preflight(mountpoint: Path) -> None:
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint} does not exist (mkdir -p {mountpoint})") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(f"{mountpoint} is a dead FUSE mount (its process died): run "
+                             f"`fusermount3 -u {mountpoint}` (or `umount -l {mountpoint}`), then mount again") from None
+        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint) or not (st.st_mode & 0o040000):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is busy: something is already mounted there (see `findmnt {mountpoint}`)")
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+        os.close(fd)
+    except FileNotFoundError:
+        raise MountError("FUSE is not available: /dev/fuse is missing (apt-get install fuse3; modprobe fuse)") from None
+    except OSError as exc:
+        raise MountError(f"FUSE is not available: /dev/fuse: {exc.strerror} (in a container, pass --device /dev/fuse)") from None
+
+
+def fuse_options(mcfg: MountConfig, extra: frozenset[str] = frozenset()) -> set[str]:
+    opts = {"default_permissions", f"fsname={mcfg.fsname}", "subtype=appendfs", *extra}
+    if mcfg.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+async def serve(meta_url: str, mountpoint: Path, mcfg: MountConfig, fcfg: FsConfig, ccfg: ClientConfig,
+                kernel_options: frozenset[str] = frozenset(), ready: Callable[[], None] | None = None) -> None:
+    from appendfs.metrics import serve_metrics
+
+    async with FileSystem.connect(meta_url, fcfg, ccfg, owner=f"mount:{os.uname().nodename}:{mountpoint}") as fs:
+        ops = Operations(fs)
+        serve_metrics(mcfg.metrics, "appendfs_mount", lambda: {**fs.stats(), **fs.client.stats})
+        try:
+            pyfuse3.init(ops, str(mountpoint), fuse_options(mcfg, kernel_options))
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+        log.info("mounted %s at %s", meta_url, mountpoint)
+        unmounted = False
+        try:
+            async with trio.open_nursery() as nursery:
+                async def on_signal() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                        async for signum in signals:
+                            log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
+                            pyfuse3.terminate()
+                            return
+                nursery.start_soon(on_signal)
+                if ready is not None:
+                    ready()
+                await pyfuse3.main(min_tasks=4, max_tasks=mcfg.max_tasks)
+                nursery.cancel_scope.cancel()
+            pyfuse3.close(unmount=True)
+            unmounted = True
+        finally:
+            if not unmounted:
+                pyfuse3.close(unmount=True)
+        log.info("unmounted %s; committing buffered data", mountpoint)
+
+
+def run(meta_url: str, mountpoint: Path, mcfg: MountConfig, fcfg: FsConfig, ccfg: ClientConfig, *,
+        foreground: bool, kernel_options: frozenset[str] = frozenset(), log_file: Path | None = None) -> int:
+    """Mount; in daemon mode return in the parent once the child mounted (or failed)."""
+    preflight(mountpoint)
+    if foreground:
+        trio.run(serve, meta_url, mountpoint, mcfg, fcfg, ccfg, kernel_options)
+        return 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as pipe:
+            answer = pipe.read().decode(errors="replace")
+        if answer.startswith("ok"):
+            print(f"appendfs: mounted at {mountpoint} (pid {pid}; log {log_file or 'discarded'})", file=sys.stderr)
+            return 0
+        os.waitpid(pid, 0)
+        print(f"appendfs: error: {answer or 'the mount process died before mounting'}", file=sys.stderr)
+        return 1
+    os.close(r)
+    os.setsid()
+    _redirect(log_file)
+
+    def ready() -> None:
+        os.write(w, b"ok")
+        os.close(w)
+
+    code = 0
+    try:
+        trio.run(serve, meta_url, mountpoint, mcfg, fcfg, ccfg, kernel_options, ready)
+    except BaseException as exc:  # report to the waiting parent, if it still waits
+        from appendfs.cli import own_error
+
+        ours = own_error(exc)
+        msg = str(ours) if ours is not None else f"{type(exc).__name__}: {exc}"
+        log.error("mount failed: %s", msg, exc_info=ours is None)
+        try:
+            os.write(w, msg.encode())
+            os.close(w)
+        except OSError:
+            pass
+        code = 1
+    os._exit(code)
+
+
+def _redirect(log_file: Path | None) -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    else:
+        out = devnull
+    os.dup2(out, 1)
+    os.dup2(out, 2)
