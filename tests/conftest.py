@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cluster import Cluster
 from hypothesis import HealthCheck, settings
+from mounts import Mount, fuse_available
 from pgserver import ThrowawayPostgres, create_database, drop_database, postgres_server
 
 # Property tests are derandomized: the same examples every run, so CI is repeatable and a
@@ -88,6 +89,38 @@ def make_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[obj
         failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
         if failed:
             print(c.logs())
+
+
+@pytest.fixture
+def make_mount(make_cluster: object, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
+    """Factory: make_mount(cluster, *args, env=None) → a started Mount at a fresh directory."""
+    reason = fuse_available()
+    if reason:
+        print(f"SKIP REASON: {reason}")
+        pytest.skip(reason)
+    made: list[Mount] = []
+
+    def make(cluster: Cluster, *args: str, env: dict[str, str] | None = None) -> Mount:
+        m = Mount(cluster, tmp_path / f"mnt{len(made)}", *args, env=env, name=f"mount-{len(made)}")
+        made.append(m)
+        return m.start()
+
+    yield make
+    failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
+    for m in made:
+        m.stop()
+        if failed:
+            print(f"==== {m.log.name}\n{m.text()[-6000:]}")
+
+
+@pytest.fixture
+def mounted(meta_url: str, make_cluster: object, make_mount: object) -> Mount:
+    """A mount of a fresh 3-DataNode cluster, once on SQLite and once on PostgreSQL.
+
+    meta_url comes first: fixtures are torn down in reverse, so the database outlives
+    the mount and the cluster that use it."""
+    cluster = make_cluster(meta_url)  # type: ignore[operator]
+    return make_mount(cluster)  # type: ignore[operator, no-any-return]
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
