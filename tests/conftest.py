@@ -123,6 +123,36 @@ def mounted(meta_url: str, make_cluster: object, make_mount: object) -> Mount:
     return make_mount(cluster)  # type: ignore[operator, no-any-return]
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_mount(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """One cluster and mount shared by a whole test module, once per engine (saves ~4 s a test).
+
+    Tests using it must not depend on each other: each works in its own subdirectory.
+    """
+    reason = fuse_available()
+    if reason:
+        print(f"SKIP REASON: {reason}")
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp(f"mod-{request.param}")
+    admin = request.getfixturevalue("pg_admin_url") if request.param == "postgresql" else None
+    url = create_database(admin) if admin else f"sqlite:///{root}/meta.db"
+    cluster = Cluster(root / "cluster", url)
+    cluster.add_metanode()
+    for _ in range(3):
+        cluster.add_datanode()
+    m: Mount | None = None
+    try:
+        cluster.wait_alive(3)
+        m = Mount(cluster, root / "mnt", "-o", "allow_other").start()
+        yield m
+    finally:
+        if m is not None:
+            m.stop()
+        cluster.stop()
+        if admin:
+            drop_database(admin, url)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
     rep = yield

@@ -20,3 +20,10 @@ def test_write_read_list(mounted: Mount, tmp_path: Path) -> None:
     assert files_equal(src, dst)
     assert sorted(os.listdir(root)) == ["a.txt", "d"]
     assert os.stat(dst).st_size == 20 << 20
+
+
+def test_module_mount_serves(module_mount: Mount) -> None:
+    d = module_mount.path / "smoke"
+    d.mkdir()
+    (d / "f").write_bytes(b"x" * 5000)
+    assert (d / "f").stat().st_size == 5000
