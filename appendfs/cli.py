@@ -327,13 +327,10 @@ def mount_cmd(meta_url: str, config_file: Path | None, mountpoint: Path, foregro
 @click.option("--s3", "s3_address", default=None, metavar="HOST:PORT", help="serve S3 here")
 @guarded
 def up_cmd(data_dir: Path, mountpoint: Path | None, s3_address: str | None) -> None:
-    """Run a whole single-host cluster (MetaNode, 3 DataNodes) on the embedded SQLite default."""
-    if mountpoint is not None:
-        raise ConfigError("--mount is not available yet: the FUSE mount has not landed (issue 4); "
-                          "run `appendfs up --data DIR` without it")
+    """Run a whole single-host cluster (MetaNode, 3 DataNodes, the mount) on the embedded SQLite default."""
     if s3_address is not None:
         raise ConfigError("--s3 is not available yet: the S3 gateway has not landed (issue 5); "
                           "run `appendfs up --data DIR` without it")
     from appendfs.up import run_up
 
-    sys.exit(run_up(data_dir))
+    sys.exit(run_up(data_dir, mountpoint))

@@ -1,8 +1,10 @@
 """`appendfs up --data DIR`: a whole single-host cluster under one supervisor (DESIGN §7).
 
 Children: one MetaNode and three DataNodes on the embedded SQLite default
-(``sqlite:///DIR/meta.db``), each a separate process with its own log file under
-``DIR/logs/``. Ports are picked free at start and recorded, with pids and the META_URL,
+(``sqlite:///DIR/meta.db``), and with ``--mount MOUNTPOINT`` the FUSE mount, each a
+separate process with its own log file under ``DIR/logs/``. The mount starts once the
+DataNodes have registered and is stopped first (it commits buffered data while the
+DataNodes still run); a mount that died is detached (``umount -l``) before its restart. Ports are picked free at start and recorded, with pids and the META_URL,
 in ``DIR/run.json``. Children get SIGTERM when the supervisor stops (and die with it
 through PR_SET_PDEATHSIG if it is killed); a child that exits unexpectedly is restarted
 with backoff.
@@ -79,7 +81,34 @@ def plan(data_dir: Path) -> tuple[str, list[Child], dict[str, Any]]:
     return meta_url, children, run
 
 
-def run_up(data_dir: Path) -> int:
+def mount_child(meta_url: str, mountpoint: Path, logs: Path) -> Child:
+    return Child("mount", [*_appendfs(), "mount", "--meta", meta_url, "--foreground", str(mountpoint)],
+                 logs / "mount.log")
+
+
+def _detach(mountpoint: Path) -> None:
+    """Remove a dead FUSE mount left by a killed mount process."""
+    try:
+        os.stat(mountpoint)
+        mounted = os.path.ismount(mountpoint)
+    except OSError:
+        mounted = True
+    if mounted:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+
+
+def _wait_mounted(child: Child, mountpoint: Path, timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child.proc is None or child.proc.poll() is not None:
+            return False
+        if os.path.ismount(mountpoint):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def run_up(data_dir: Path, mountpoint: Path | None = None) -> int:
     from appendfs.format import format_cluster
 
     data_dir = data_dir.resolve()
@@ -87,6 +116,15 @@ def run_up(data_dir: Path) -> int:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create {data_dir}: {exc.strerror}") from None
+    if mountpoint is not None:
+        from appendfs.mount.main import preflight
+
+        mountpoint = mountpoint.absolute()
+        try:
+            mountpoint.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the mountpoint {mountpoint}: {exc.strerror}") from None
+        preflight(mountpoint)
     meta_url, children, run = plan(data_dir)
     res = format_cluster(meta_url, data_dir / "secret")
     print(f"appendfs: {'formatted a new' if res.created else 'using the existing'} cluster {res.cluster_id} in {data_dir}",
@@ -101,9 +139,19 @@ def run_up(data_dir: Path) -> int:
     signal.signal(signal.SIGINT, stop)
     for child in children:
         child.start()
-    run["pids"] = {c.name: c.proc.pid for c in children if c.proc}
     run["supervisor_pid"] = os.getpid()
+    run["pids"] = {c.name: c.proc.pid for c in children if c.proc}
     (data_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    _wait_registered(meta_url)
+    if mountpoint is not None:
+        child = mount_child(meta_url, mountpoint, data_dir / "logs")
+        child.start()
+        children.append(child)
+        if not _wait_mounted(child, mountpoint):
+            print(f"appendfs: the mount did not come up; see {child.log_path}", file=sys.stderr, flush=True)
+        run["mount"] = str(mountpoint)
+        run["pids"] = {c.name: c.proc.pid for c in children if c.proc}
+        (data_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     _announce(meta_url, run, data_dir)
     try:
         while not stopping:
@@ -120,8 +168,20 @@ def run_up(data_dir: Path) -> int:
                       f"(see {child.log_path})", file=sys.stderr, flush=True)
                 time.sleep(delay)
                 child.restarts += 1
+                if child.name == "mount" and mountpoint is not None:
+                    _detach(mountpoint)
                 child.start()
     finally:
+        for child in children:  # the mount first: it commits buffered data to running DataNodes
+            if child.name == "mount" and child.proc is not None and child.proc.poll() is None:
+                child.proc.terminate()
+                try:
+                    child.proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
+        if mountpoint is not None:
+            _detach(mountpoint)
         for child in reversed(children):
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.terminate()
@@ -136,12 +196,13 @@ def run_up(data_dir: Path) -> int:
     return 0
 
 
-def _announce(meta_url: str, run: dict[str, Any], data_dir: Path) -> None:
+def _wait_registered(meta_url: str, timeout_s: float = 30) -> int:
+    """Wait until the DataNodes have registered with the MetaNode; returns how many did."""
     import trio
 
     from appendfs.tools import fetch_status
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout_s
     alive = 0
     while time.monotonic() < deadline:
         try:
@@ -152,8 +213,14 @@ def _announce(meta_url: str, run: dict[str, Any], data_dir: Path) -> None:
         except Exception:  # the cluster is still starting; the deadline bounds this
             pass
         time.sleep(0.3)
+    return alive
+
+
+def _announce(meta_url: str, run: dict[str, Any], data_dir: Path) -> None:
+    alive = _wait_registered(meta_url, 5)
     state = "up" if alive >= DATANODES else f"starting ({alive}/{DATANODES} DataNodes registered so far)"
-    print(f"""appendfs is {state}:
+    mount = f"\n  mount      {run['mount']}" if run.get("mount") else ""
+    print(f"""appendfs is {state}:{mount}
   META_URL   {meta_url}
   MetaNode   {run['metanode']}
   DataNodes  {', '.join(run['datanodes'])}

@@ -68,7 +68,6 @@ def test_format_is_idempotent_and_a_schema_of_another_version_is_refused(meta_ur
 
 
 def test_up_refuses_capabilities_that_have_not_landed(tmp_path: Path) -> None:
-    assert "--mount is not available yet" in one_line_error(run("up", "--data", str(tmp_path), "--mount", "/mnt"))
     assert "--s3 is not available yet" in one_line_error(run("up", "--data", str(tmp_path), "--s3", "127.0.0.1:9000"))
 
 

@@ -1,0 +1,125 @@
+"""The mount as users start it: `appendfs mount` (daemon and foreground), mount.appendfs
+from fstab-style arguments, `appendfs up --mount`, and the clear refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from cluster import APPENDFS, Cluster, wait_for
+from mounts import Mount, fuse_available
+
+from appendfs.mount.helper import build_argv
+
+
+@pytest.fixture(autouse=True)
+def _needs_fuse() -> None:
+    reason = fuse_available()
+    if reason:
+        print(f"SKIP REASON: {reason}")
+        pytest.skip(reason)
+
+
+def _run(cluster: Cluster, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*APPENDFS, *args], env=cluster.env, capture_output=True, text=True, timeout=timeout)
+
+
+def _unmount_and_wait(path: Path, pid_hint: str = "") -> None:
+    subprocess.run(["umount", str(path)], check=True, capture_output=True)
+    wait_for(lambda: not os.path.ismount(path), f"{path} to be unmounted", 30)
+
+
+def test_daemon_mount_returns_once_mounted_and_exits_on_umount(make_cluster: object, sqlite_url: str,
+                                                              tmp_path: Path) -> None:
+    cluster: Cluster = make_cluster(sqlite_url)  # type: ignore[operator]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "daemon.log"
+    res = _run(cluster, "mount", "--meta", sqlite_url, "--log-file", str(log), str(mnt))
+    assert res.returncode == 0, res.stderr
+    assert os.path.ismount(mnt), "the parent returned before the mount was up"
+    (mnt / "f").write_bytes(b"daemon")
+    assert (mnt / "f").read_bytes() == b"daemon"
+    pid = int(res.stderr.split("pid ")[1].split(";")[0])
+    _unmount_and_wait(mnt)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the daemon to exit after umount", 60)
+    assert "mounted" in log.read_text()
+
+
+def test_busy_missing_and_dead_mountpoints_get_one_clear_line(make_cluster: object, make_mount: object,
+                                                             sqlite_url: str, tmp_path: Path) -> None:
+    cluster: Cluster = make_cluster(sqlite_url)  # type: ignore[operator]
+    res = _run(cluster, "mount", "--meta", sqlite_url, "-f", str(tmp_path / "nope"))
+    assert res.returncode != 0 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    m: Mount = make_mount(cluster)  # type: ignore[operator]
+    res = _run(cluster, "mount", "--meta", sqlite_url, "-f", str(m.path))
+    assert res.returncode != 0 and "busy" in res.stderr and "Traceback" not in res.stderr
+    m.popen.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    m.popen.wait()  # type: ignore[union-attr]
+    res = _run(cluster, "mount", "--meta", sqlite_url, "-f", str(m.path))
+    assert res.returncode != 0 and "dead FUSE mount" in res.stderr and "fusermount3 -u" in res.stderr
+    m.detach()
+    m.start()  # after the advised cleanup the same directory mounts again
+    assert (m.path / "x").write_bytes(b"1") == 1
+
+
+def test_unknown_mount_option_is_refused_with_exit_2(make_cluster: object, sqlite_url: str, tmp_path: Path) -> None:
+    cluster: Cluster = make_cluster(sqlite_url, datanodes=0)  # type: ignore[operator]
+    (tmp_path / "m").mkdir()
+    res = _run(cluster, "mount", "--meta", sqlite_url, "-o", "bogus_opt", "-f", str(tmp_path / "m"))
+    assert res.returncode == 2 and "bogus_opt" in res.stderr
+
+
+def test_mount_helper_translates_fstab_arguments() -> None:
+    assert build_argv(["sqlite:////d/meta.db", "/mnt/x", "-o", "rw,_netdev,allow_other,log=/l,config=/c"]) == [
+        "mount", "--meta", "sqlite:////d/meta.db", "--log-file", "/l", "--config", "/c", "-o", "rw,_netdev,allow_other",
+        "/mnt/x"]
+    assert build_argv(["-s", "url", "/m", "-n"])[-1] == "/m"
+    with pytest.raises(ValueError):
+        build_argv(["only-one"])
+
+
+def test_mount_helper_mounts_like_mount8_calls_it(make_cluster: object, sqlite_url: str, tmp_path: Path) -> None:
+    cluster: Cluster = make_cluster(sqlite_url)  # type: ignore[operator]
+    mnt = tmp_path / "fstab-mnt"
+    mnt.mkdir()
+    helper = Path(APPENDFS[0]).parent / "mount.appendfs"
+    res = subprocess.run([str(helper), sqlite_url, str(mnt), "-o", f"rw,_netdev,noatime,log={tmp_path}/h.log"],
+                         env=cluster.env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    try:
+        assert os.path.ismount(mnt)
+        (mnt / "via-fstab").write_bytes(b"ok")
+        assert (mnt / "via-fstab").read_bytes() == b"ok"
+        assert "noatime" in Path("/proc/mounts").read_text().split(str(mnt))[1].splitlines()[0]
+    finally:
+        _unmount_and_wait(mnt)
+
+
+def test_up_with_mount_serves_files_and_stops_cleanly(tmp_path: Path) -> None:
+    data, mnt = tmp_path / "up", tmp_path / "mnt"
+    with subprocess.Popen([*APPENDFS, "up", "--data", str(data), "--mount", str(mnt)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as sup:
+        try:
+            assert sup.stdout is not None
+            for line in sup.stdout:
+                if line.startswith("appendfs is"):
+                    assert line.startswith("appendfs is up"), line
+                    break
+            assert os.path.ismount(mnt)
+            (mnt / "docs").mkdir()
+            (mnt / "docs" / "hello").write_bytes(b"hi" * 100_000)
+            assert (mnt / "docs" / "hello").read_bytes() == b"hi" * 100_000
+            run_info = json.loads((data / "run.json").read_text())
+            assert run_info["mount"] == str(mnt) and "mount" in run_info["pids"]
+        finally:
+            sup.send_signal(signal.SIGTERM)
+            sup.wait(90)
+    assert not os.path.ismount(mnt)
+    pids = run_info["pids"].values()
+    wait_for(lambda: all(not Path(f"/proc/{p}").exists() or "zombie" in Path(f"/proc/{p}/status").read_text().lower()
+                         for p in pids), "every child of `up` to exit", 30)
