@@ -85,6 +85,11 @@ class FileSystem:
         self._dir_policy_cache: dict[int, tuple[str | None, float]] = {}
         self._statfs: tuple[float, dict[str, int]] | None = None
         self._relieving = False
+        self._session_lock = trio.Lock()
+        self._release_q: list[int] = []
+        self._releasing: set[int] = set()
+        self._release_wake = trio.Event()
+        self._released = trio.Event()
 
     # ---- lifetime -------------------------------------------------------------------
 
@@ -103,6 +108,7 @@ class FileSystem:
                 nursery.start_soon(fs._heartbeats)
                 nursery.start_soon(fs._flusher)
                 nursery.start_soon(fs._maintenance)
+                nursery.start_soon(fs._releaser)
                 try:
                     yield fs
                 finally:
@@ -119,6 +125,7 @@ class FileSystem:
             except Exception as exc:
                 log.error("inode %d: data not committed at shutdown: %s", of.ino, exc)
         await self.streams.close()
+        await self._release_batch()
         try:
             await self._meta(self.meta.close_session, self.sid)
         except Exception as exc:
@@ -249,10 +256,20 @@ class FileSystem:
 
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, flags: int) -> tuple[int, Attr]:
         policy = await self._dir_policy(parent)
-        attr = await self._meta(self.meta.create, parent, name, mode, uid, gid)
-        if policy is not None:
-            await self._meta(self.meta.setxattr, attr.ino, POLICY_XATTR, policy.encode())
-        fh, _ = await self._open(attr.ino, flags, policy or self.cfg.redundancy)
+        # Created and held open in one transaction (one durable commit per new file).
+        sid = self.sid
+        try:
+            attr = await self._meta(self.meta.create, parent, name, mode, uid, gid, open_sid=sid)
+        except SessionExpired:
+            await self._renew_session(sid)
+            attr = await self._meta(self.meta.create, parent, name, mode, uid, gid, open_sid=self.sid)
+        try:
+            if policy is not None:
+                await self._meta(self.meta.setxattr, attr.ino, POLICY_XATTR, policy.encode())
+        except BaseException:
+            self._release_later(attr.ino)
+            raise
+        fh, _ = await self._open(attr.ino, flags, policy or self.cfg.redundancy, held=attr)
         return fh, attr
 
     async def open(self, ino: int, flags: int) -> tuple[int, bool]:
@@ -260,8 +277,21 @@ class FileSystem:
         changed the file since this one last saw it (close-to-open)."""
         return await self._open(ino, flags, None)
 
-    async def _open(self, ino: int, flags: int, redundancy: str | None) -> tuple[int, bool]:
-        attr = await self._meta(self.meta.open, self.sid, ino)
+    async def _open(self, ino: int, flags: int, redundancy: str | None, held: Attr | None = None) -> tuple[int, bool]:
+        if held is not None:
+            attr = held
+        elif ino in self._release_q:  # closed a moment ago: our hold was not dropped yet
+            self._release_q.remove(ino)
+            attr = await self._meta(self.meta.getattr, ino)
+        else:
+            while ino in self._releasing:
+                await self._released.wait()
+            sid = self.sid
+            try:
+                attr = await self._meta(self.meta.open, sid, ino)
+            except SessionExpired:
+                await self._renew_session(sid)
+                attr = await self._meta(self.meta.open, self.sid, ino)
         try:
             of = self._files.get(ino)
             if of is None:
@@ -277,8 +307,7 @@ class FileSystem:
                 of.segmap = None
             self._saw(attr)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._meta(self.meta.release, self.sid, ino)
+            self._release_later(ino)
             raise
         of.handles += 1
         fh = next(self._fh)
@@ -310,7 +339,33 @@ class FileSystem:
                 if of.handles == 0 and not of.pending:
                     self._files.pop(of.ino, None)
         finally:
-            await self._meta(self.meta.release, self.sid, of.ino)
+            self._release_later(of.ino)
+
+    def _release_later(self, ino: int) -> None:
+        """Drop one namespace hold of ``ino``: queued, and released in batches by
+        :meth:`_releaser` (a close costs no transaction of its own)."""
+        self._release_q.append(ino)
+        self._release_wake.set()
+
+    async def _releaser(self) -> None:
+        while True:
+            await self._release_wake.wait()
+            self._release_wake = trio.Event()
+            await self._release_batch()
+
+    async def _release_batch(self) -> None:
+        batch, self._release_q = self._release_q, []
+        if not batch:
+            return
+        self._releasing = set(batch)
+        try:
+            await self._meta(self.meta.release_many, self.sid, batch)
+        except Exception as exc:  # the holds stay until the session ends; unlinked files wait for that
+            log.warning("releasing %d closed files: %s", len(batch), exc)
+        finally:
+            self._releasing = set()
+            self._released.set()
+            self._released = trio.Event()
 
     # ---- writes ---------------------------------------------------------------------
 
@@ -586,15 +641,25 @@ class FileSystem:
             try:
                 await self._meta(self.meta.heartbeat, self.sid)
             except SessionExpired:
-                log.error("session %d was declared dead (missed heartbeats); opening a new one", self.sid)
-                try:
-                    self.sid = await self._meta(self.meta.open_session, None)
-                    for ino in [i for i, of in self._files.items() if of.handles]:
-                        await self._meta(self.meta.open, self.sid, ino)
-                except Exception as exc:
-                    log.error("re-opening the session: %s", exc)
+                await self._renew_session(self.sid)
             except Exception as exc:
                 log.warning("session heartbeat failed: %s", exc)
+
+    async def _renew_session(self, dead_sid: int) -> None:
+        """Our session was declared dead (missed heartbeats, e.g. a long outage): open a
+        new one and hold our open files in it again. Unlinked files that lost their hold
+        meanwhile may be gone; their handles then fail with ENOENT/EIO."""
+        async with self._session_lock:
+            if self.sid != dead_sid:
+                return  # another task renewed it already
+            log.error("session %d was declared dead (missed heartbeats); opening a new one", dead_sid)
+            self.sid = await self._meta(self.meta.open_session, None)
+            self._release_q.clear()  # those holds died with the old session
+            for ino in [i for i, of in self._files.items() if of.handles]:
+                try:
+                    await self._meta(self.meta.open, self.sid, ino)
+                except Exception as exc:
+                    log.error("inode %d: cannot hold it open again: %s", ino, exc)
 
     async def _maintenance(self) -> None:
         """Work any client may do: end dead sessions, purge slices of deleted files."""

@@ -130,10 +130,22 @@ class Meta:
         gid: int,
         rdev: int = 0,
         target: bytes | None = None,
+        open_sid: int | None = None,
     ) -> Attr:
         n = ops.check_name(name)
         new = ops.NewInode(self._inos.next(), kind, mode, uid, gid, rdev, target)
-        return self._write(what, lambda c: ops.make(c, parent, n, new, time.time_ns(), self._gran))
+        if open_sid is None:
+            return self._write(what, lambda c: ops.make(c, parent, n, new, time.time_ns(), self._gran))
+
+        def make_open(c: sa.Connection) -> Attr:
+            a = ops.make(c, parent, n, new, time.time_ns(), self._gran)
+            data.hold_new(c, open_sid, a.ino)
+            return a
+
+        a = self._write(what, make_open)
+        with self._open_lock:
+            self._open_counts[(open_sid, a.ino)] = 1
+        return a
 
     def mknod(
         self, parent: int, name: bytes | str, mode: int, uid: int, gid: int, rdev: int = 0
@@ -144,8 +156,12 @@ class Meta:
             raise FsError(ops.errno.EINVAL, f"mknod of kind {kind:o}")
         return self._make("mknod", parent, name, kind, mode, uid, gid, rdev)
 
-    def create(self, parent: int, name: bytes | str, mode: int, uid: int, gid: int) -> Attr:
-        return self._make("create", parent, name, stat.S_IFREG, mode, uid, gid)
+    def create(
+        self, parent: int, name: bytes | str, mode: int, uid: int, gid: int, *, open_sid: int | None = None
+    ) -> Attr:
+        """Create a regular file; with ``open_sid`` it is also opened (as by :meth:`open`) in
+        the same transaction — one commit instead of two for create-and-write."""
+        return self._make("create", parent, name, stat.S_IFREG, mode, uid, gid, open_sid=open_sid)
 
     def mkdir(self, parent: int, name: bytes | str, mode: int, uid: int, gid: int) -> Attr:
         return self._make("mkdir", parent, name, stat.S_IFDIR, mode, uid, gid)
@@ -321,6 +337,19 @@ class Meta:
         """Drop one open handle; the last one lets an unlinked inode go to the delete queue."""
         if self._forget((sid, ino)) <= 0:
             self._write("release", lambda c: data.release_file(c, sid, ino, time.time_ns()))
+
+    def release_many(self, sid: int, inos: Sequence[int]) -> None:
+        """:meth:`release` of several inodes in one transaction (batched closes)."""
+        last = sorted({ino for ino in inos if self._forget((sid, ino)) <= 0})
+        if not last:
+            return
+        now = time.time_ns()
+
+        def fn(c: sa.Connection) -> None:
+            for ino in last:  # ascending: the lock order of every transaction
+                data.release_file(c, sid, ino, now)
+
+        self._write("release_many", fn)
 
     def close_session(self, sid: int) -> None:
         with self._open_lock:

@@ -235,6 +235,14 @@ def open_file(conn: sa.Connection, sid: int, ino: int) -> Attr:
     return a
 
 
+def hold_new(conn: sa.Connection, sid: int, ino: int) -> None:
+    """Record that ``sid`` holds the inode it is creating in this transaction open."""
+    q = sa.select(SE.c.sid).where(SE.c.sid == sid).with_for_update(read=True, key_share=True)
+    if conn.execute(q).first() is None:
+        raise SessionExpired(f"session {sid} was declared dead and cleaned up")
+    conn.execute(SS.insert().values(sid=sid, ino=ino))
+
+
 def release_file(conn: sa.Connection, sid: int, ino: int, now: int) -> None:
     """Session ``sid`` closed its last handle of ``ino``; an unlinked inode may now go."""
     a = get_attr(conn, ino, lock="delete")

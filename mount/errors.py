@@ -7,6 +7,7 @@ process), so each one is turned into a ``FUSEError(errno)`` here:
 =====================================  =======================================
 FsError (namespace)                    its own errno (ENOENT, EEXIST, ENOTEMPTY…)
 MetaUnavailable / CommitOutcomeUnknown EIO  (database unreachable past its budget)
+SessionExpired                         EIO  (this client was declared dead; it renews)
 NoSpace (store)                        ENOSPC
 Unavailable / Unreadable / StoreError  EIO  (not enough DataNodes, no good replica)
 trio.TooSlowError                      EIO
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from appendfs.meta import FsError, MetaUnavailable
+from appendfs.meta import FsError, MetaUnavailable, SessionExpired
 from appendfs.store.errors import NoSpace, StoreError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ def errno_of(exc: BaseException, where: str = "") -> int:
         return exc.errno
     if isinstance(exc, FsError):
         return exc.errno
+    if isinstance(exc, SessionExpired):
+        log.warning("%s: %s", where, exc)
+        return errno.EIO
     if isinstance(exc, MetaUnavailable):
         log.warning("%s: namespace unavailable: %s", where, exc)
         return errno.EIO

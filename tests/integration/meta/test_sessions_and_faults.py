@@ -52,6 +52,30 @@ def test_unlinked_open_file_stays_readable_until_close(
     assert meta.check_invariants() == []
 
 
+def test_create_can_open_in_the_same_transaction_and_release_many_batches_closes(meta: Meta) -> None:
+    sid = meta.open_session("a")
+    f = meta.create(ROOT_INO, b"f", 0o644, 0, 0, open_sid=sid)  # held open from birth
+    g = meta.create(ROOT_INO, b"g", 0o644, 0, 0, open_sid=sid)
+    meta.open(sid, g.ino)  # a second handle of g
+    meta.unlink(ROOT_INO, b"f")
+    meta.unlink(ROOT_INO, b"g")
+    assert meta.getattr(f.ino).nlink == 0 and meta.getattr(g.ino).nlink == 0  # both survive: held
+    meta.release_many(sid, [f.ino, g.ino])  # f's last handle, g still has one
+    with pytest.raises(FsError):
+        meta.getattr(f.ino)
+    assert meta.getattr(g.ino).nlink == 0
+    meta.release_many(sid, [g.ino])
+    with pytest.raises(FsError):
+        meta.getattr(g.ino)
+    assert sorted(q[0] for q in meta.delete_queue()) == [f.ino, g.ino]
+    meta.close_session(sid)
+    with pytest.raises(SessionExpired):  # a create cannot hold a file for a dead session
+        meta.create(ROOT_INO, b"h", 0o644, 0, 0, open_sid=sid)
+    with pytest.raises(FsError):  # and nothing was created
+        meta.lookup(ROOT_INO, b"h")
+    assert meta.check_invariants() == []
+
+
 def test_dead_session_is_cleaned_by_a_live_client(
     meta: Meta, meta_url: str, open_meta_fn: Callable[..., Meta]
 ) -> None:
