@@ -176,10 +176,8 @@ class FileSystem:
 
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         policy = await self._dir_policy(parent)
-        attr = await self._meta(self.meta.mkdir, parent, name, mode, uid, gid)
-        if policy is not None:
-            await self._meta(self.meta.setxattr, attr.ino, POLICY_XATTR, policy.encode())
-        return attr
+        inherit = {POLICY_XATTR: policy.encode()} if policy is not None else None
+        return await self._meta(self.meta.mkdir, parent, name, mode, uid, gid, xattrs=inherit)
 
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int) -> Attr:
         return await self._meta(self.meta.mknod, parent, name, mode, uid, gid, rdev)
@@ -257,18 +255,15 @@ class FileSystem:
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, flags: int) -> tuple[int, Attr]:
         policy = await self._dir_policy(parent)
         # Created and held open in one transaction (one durable commit per new file).
+        # The inherited policy is set in that transaction too.
+        inherit = {POLICY_XATTR: policy.encode()} if policy is not None else None
         sid = self.sid
         try:
-            attr = await self._meta(self.meta.create, parent, name, mode, uid, gid, open_sid=sid)
+            attr = await self._meta(self.meta.create, parent, name, mode, uid, gid, open_sid=sid, xattrs=inherit)
         except SessionExpired:
             await self._renew_session(sid)
-            attr = await self._meta(self.meta.create, parent, name, mode, uid, gid, open_sid=self.sid)
-        try:
-            if policy is not None:
-                await self._meta(self.meta.setxattr, attr.ino, POLICY_XATTR, policy.encode())
-        except BaseException:
-            self._release_later(attr.ino)
-            raise
+            attr = await self._meta(self.meta.create, parent, name, mode, uid, gid, open_sid=self.sid,
+                                    xattrs=inherit)
         fh, _ = await self._open(attr.ino, flags, policy or self.cfg.redundancy, held=attr)
         return fh, attr
 

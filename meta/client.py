@@ -131,20 +131,26 @@ class Meta:
         rdev: int = 0,
         target: bytes | None = None,
         open_sid: int | None = None,
+        xattrs: dict[bytes, bytes] | None = None,
     ) -> Attr:
         n = ops.check_name(name)
+        attrs = {ops.check_xattr_name(k): bytes(v) for k, v in (xattrs or {}).items()}
         new = ops.NewInode(self._inos.next(), kind, mode, uid, gid, rdev, target)
-        if open_sid is None:
+        if open_sid is None and not attrs:
             return self._write(what, lambda c: ops.make(c, parent, n, new, time.time_ns(), self._gran))
 
         def make_open(c: sa.Connection) -> Attr:
             a = ops.make(c, parent, n, new, time.time_ns(), self._gran)
-            data.hold_new(c, open_sid, a.ino)
+            if attrs:
+                c.execute(schema.xattr.insert(), [{"ino": a.ino, "name": k, "value": v} for k, v in attrs.items()])
+            if open_sid is not None:
+                data.hold_new(c, open_sid, a.ino)
             return a
 
         a = self._write(what, make_open)
-        with self._open_lock:
-            self._open_counts[(open_sid, a.ino)] = 1
+        if open_sid is not None:
+            with self._open_lock:
+                self._open_counts[(open_sid, a.ino)] = 1
         return a
 
     def mknod(
@@ -157,14 +163,19 @@ class Meta:
         return self._make("mknod", parent, name, kind, mode, uid, gid, rdev)
 
     def create(
-        self, parent: int, name: bytes | str, mode: int, uid: int, gid: int, *, open_sid: int | None = None
+        self, parent: int, name: bytes | str, mode: int, uid: int, gid: int, *,
+        open_sid: int | None = None, xattrs: dict[bytes, bytes] | None = None,
     ) -> Attr:
         """Create a regular file; with ``open_sid`` it is also opened (as by :meth:`open`) in
-        the same transaction — one commit instead of two for create-and-write."""
-        return self._make("create", parent, name, stat.S_IFREG, mode, uid, gid, open_sid=open_sid)
+        the same transaction, and ``xattrs`` are set in it too (inherited policies) — one
+        commit for create-and-open instead of several."""
+        return self._make("create", parent, name, stat.S_IFREG, mode, uid, gid, open_sid=open_sid, xattrs=xattrs)
 
-    def mkdir(self, parent: int, name: bytes | str, mode: int, uid: int, gid: int) -> Attr:
-        return self._make("mkdir", parent, name, stat.S_IFDIR, mode, uid, gid)
+    def mkdir(
+        self, parent: int, name: bytes | str, mode: int, uid: int, gid: int, *,
+        xattrs: dict[bytes, bytes] | None = None,
+    ) -> Attr:
+        return self._make("mkdir", parent, name, stat.S_IFDIR, mode, uid, gid, xattrs=xattrs)
 
     def symlink(
         self, parent: int, name: bytes | str, target: bytes | str, uid: int, gid: int
