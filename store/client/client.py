@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,6 +35,7 @@ from appendfs.store.placement import PolicyError, parse_policy
 from appendfs.store.rpc import ChannelPool, ClusterAuth, ConnectionLost, RpcError
 
 log = logging.getLogger(__name__)
+_MAPS_MAX = 100_000  # cached extent maps (a few hundred bytes each)
 
 
 class StoreClient:
@@ -47,7 +49,7 @@ class StoreClient:
         self.meta = MetaLink(engine, pool, wait_s=cfg.leader_wait_s, db_lane=db_lane)
         self._nursery = nursery
         self._streams: dict[int, LogStream] = {}
-        self._maps: dict[int, dict[str, Any]] = {}
+        self._maps: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._renewing = False
         self.stats = {"bad_replicas": 0, "read_fallbacks": 0}
 
@@ -117,19 +119,25 @@ class StoreClient:
 
     def _cache_map(self, m: dict[str, Any]) -> None:
         self._maps[int(m["extent_id"])] = m
+        if len(self._maps) > _MAPS_MAX:
+            self._maps.popitem(last=False)
 
     def _forget_map(self, extent_id: int) -> None:
         self._maps.pop(extent_id, None)
 
     async def extent_map(self, extent_id: int, refresh: bool = False) -> dict[str, Any]:
+        """The placement of an extent, cached (open extents too: a read only asks for bytes
+        some writer saw acknowledged, and a stale map shows up as a failed or stale-epoch
+        replica read, after which :meth:`read` refreshes it)."""
         m = self._maps.get(extent_id)
         if m is None or refresh:
             res = await self.meta.call("get_extents", {"extent_ids": [extent_id]})
             if not res["extents"]:
                 raise Unreadable(f"extent {extent_id} does not exist")
             m = res["extents"][0]
-            if m["state"] == "sealed":
-                self._maps[extent_id] = m
+            self._cache_map(m)
+        else:
+            self._maps.move_to_end(extent_id)
         return m
 
     # ---- reads ----------------------------------------------------------------------
