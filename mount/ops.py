@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import pyfuse3
 
 from appendfs.fs import FileSystem
-from appendfs.meta import Attr
+from appendfs.meta import Attr, FsError
 from appendfs.mount.errors import fuse_errors
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,22 @@ class _DirCursor:
     ino: int
     pos: int = 0  # index of the next entry to send
     after: bytes | None = None  # name of the entry at pos - 1
+
+
+#: xattr namespaces kept for files; system.* (POSIX ACLs) is refused by the handlers.
+_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+
+def check_xattr_namespace(name: bytes) -> None:
+    """What the VFS checks for a local file system, but forwards unchecked to FUSE (whose
+    xattr handler claims every prefix): a known namespace (else EOPNOTSUPP) and a name
+    after the prefix (else EINVAL)."""
+    for prefix in _XATTR_NAMESPACES:
+        if name.startswith(prefix):
+            if len(name) == len(prefix):
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            return
+    raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
 
 def access_ok(attr: Attr, want: int, uid: int, groups: set[int]) -> bool:
@@ -65,6 +82,7 @@ class Operations(pyfuse3.Operations):
         self.entry_timeout_s = fs.cfg.entry_timeout_s
         self._lookups: dict[int, int] = {}
         self._dirs: dict[int, _DirCursor] = {}
+        self._removed_dirs: dict[int, Attr] = {}  # rmdir'ed here, still held by the kernel
         self._next_dir = 1
 
     # ---- helpers --------------------------------------------------------------------
@@ -109,9 +127,9 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """Kernel contract: a positive answer adds one to the inode's lookup count."""
         if name == b".":
-            return self._entry(await self.fs.getattr(parent_inode))
+            return self._entry(await self._getattr(parent_inode))
         if name == b"..":
-            a = await self.fs.getattr(parent_inode)
+            a = await self._getattr(parent_inode)
             return self._entry(await self.fs.getattr(a.parent or parent_inode))
         return self._entry(await self.fs.lookup(parent_inode, name))
 
@@ -123,10 +141,23 @@ class Operations(pyfuse3.Operations):
                 self._lookups[ino] = left
             else:
                 self._lookups.pop(ino, None)
+                self._removed_dirs.pop(ino, None)
+
+    async def _getattr(self, ino: int) -> Attr:
+        """fs.getattr, except that a directory removed through this mount but still held
+        by the kernel (an open descriptor, a process's cwd) answers as itself with nlink 0
+        until forgotten, as POSIX asks of rmdir (its inode is gone from the namespace)."""
+        try:
+            return await self.fs.getattr(ino)
+        except FsError as exc:
+            gone = self._removed_dirs.get(ino)
+            if gone is None or exc.errno != errno.ENOENT:
+                raise
+            return gone
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.fs.getattr(inode), count_lookup=False)
+        return self._entry(await self._getattr(inode), count_lookup=False)
 
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -135,12 +166,23 @@ class Operations(pyfuse3.Operations):
         changes: dict[str, Any] = {}
         if fields.update_mode:
             changes["mode"] = attr.st_mode & 0o7777
+            if changes["mode"] & stat.S_ISGID and ctx.uid != 0:
+                gid = attr.st_gid if fields.update_gid else (await self.fs.getattr(inode)).gid
+                if not self._in_group(gid, ctx):
+                    # Setgid stays only for root or a member of the file's group. The kernel
+                    # strips it from chmod, but when it clears privileges after another user's
+                    # write, FUSE's client keeps setgid on files without group exec.
+                    changes["mode"] &= ~stat.S_ISGID
         if fields.update_uid:
             changes["uid"] = attr.st_uid
         if fields.update_gid:
             changes["gid"] = attr.st_gid
         if fields.update_size:
             changes["size"] = attr.st_size
+            if not fields.update_mtime:
+                # The kernel leaves a truncation's timestamps to us, and ftruncate(2) stamps
+                # mtime even when the size stays the same (POSIX).
+                changes["mtime_ns"] = time.time_ns()
         if fields.update_atime:
             changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
@@ -150,6 +192,15 @@ class Operations(pyfuse3.Operations):
         if not changes:
             return self._entry(await self.fs.getattr(inode), count_lookup=False)
         return self._entry(await self.fs.setattr(inode, **changes), count_lookup=False)
+
+    @staticmethod
+    def _in_group(gid: int, ctx: pyfuse3.RequestContext) -> bool:
+        if gid == ctx.gid:
+            return True
+        try:
+            return gid in pyfuse3.get_sup_groups(ctx.pid)
+        except OSError:  # the process is gone already
+            return False
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -197,7 +248,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        attr = await self.fs.lookup(parent_inode, name)
         await self.fs.rmdir(parent_inode, name)
+        if attr.is_dir and attr.ino in self._lookups:
+            self._removed_dirs[attr.ino] = attr._replace(nlink=0)
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -211,7 +265,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        attr = await self.fs.getattr(inode)
+        attr = await self._getattr(inode)
         if not attr.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._next_dir
@@ -226,6 +280,8 @@ class Operations(pyfuse3.Operations):
         The cursor remembers the name at its position, so a listing continues by name from
         the namespace's index; a seek elsewhere re-scans from the start."""
         cur = self._dirs[fh]
+        if cur.ino in self._removed_dirs:  # removed while open: empty for good
+            return
         if start_id != cur.pos:
             cur.pos, cur.after = 0, None
             while cur.pos < start_id:  # telldir/seekdir: walk to the position again
@@ -256,8 +312,32 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        """Close-to-open: keep the page cache only if no other client changed the file."""
+        """Close-to-open: keep the page cache only if no other client changed the file.
+
+        libfuse 3 negotiates atomic O_TRUNC: the kernel sends no setattr before an
+        ``open(O_TRUNC)`` of an existing file, the flag arrives here and truncating is ours."""
         fh, keep = await self.fs.open(inode, flags)
+        if flags & os.O_TRUNC:
+            try:
+                a = await self.fs.setattr(inode, size=0, mtime_ns=time.time_ns())  # even if empty
+                if ctx.uid != 0 and a.mode & (stat.S_ISUID | stat.S_ISGID):
+                    # the truncation the kernel skips would have cleared them for non-root
+                    mode = a.mode & ~stat.S_ISUID
+                    if a.mode & stat.S_IXGRP or not self._in_group(a.gid, ctx):
+                        mode &= ~stat.S_ISGID
+                    if mode != a.mode:
+                        await self.fs.setattr(inode, mode=mode)
+            except BaseException:
+                await self.fs.release(fh)
+                raise
+        if not keep:
+            # Another client changed the file. Dropping the page cache is not enough: the
+            # kernel may still trust the size it cached (attr TTL) and not read past it, so
+            # a file grown elsewhere would read short. Make it ask for attributes again.
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError as exc:
+                log.debug("open: invalidating attributes of inode %d: %s", inode, exc)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @fuse_errors
@@ -296,20 +376,29 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name.startswith(b"system."):  # POSIX ACLs are not supported: tools fall back to mode bits
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        check_xattr_namespace(name)
         await self.fs.setxattr(inode, name, value)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name.startswith(b"system."):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        check_xattr_namespace(name)
         return await self.fs.getxattr(inode, name)
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return await self.fs.listxattr(inode)
+        """trusted.* names are listed to root only, as local file systems do (the kernel
+        already refuses the values to others with ENODATA)."""
+        names = await self.fs.listxattr(inode)
+        if ctx.uid != 0:
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if not name.startswith(b"system."):
+            check_xattr_namespace(name)
         await self.fs.removexattr(inode, name)
 
     @fuse_errors
