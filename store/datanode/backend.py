@@ -83,6 +83,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def read_checksums(self, extent_id: int, first_block: int, count: int) -> bytes: ...
 
+    def read_cached(self, extent_id: int, offset: int, length: int, first_block: int,
+                    count: int) -> tuple[bytes, bytes] | None:
+        """``(read_data(...), read_checksums(...))`` if both can be served without waiting
+        for the device (page cache hits), else None. Called on the event loop for small
+        reads, so it must never block; the default never tries."""
+        return None
+
     @abc.abstractmethod
     def data_size(self, extent_id: int) -> int:
         """Bytes physically present in the data region (may exceed the valid length)."""

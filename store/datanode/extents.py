@@ -29,6 +29,7 @@ from appendfs.store.datanode.backend import Backend, BackendError, ExtentMeta
 
 log = logging.getLogger(__name__)
 _RECOVER_CHUNK = 4 * 1024 * 1024
+_INLINE_READ_BYTES = 128 * 1024  # reads up to this size try the page cache on the event loop
 
 
 class ExtentError(Exception):
@@ -84,7 +85,7 @@ class ExtentStore:
         self._read_lane = trio.CapacityLimiter(read_threads)
         self._batch = _Batch()
         self._wake = trio.Event()
-        self.stats = {"appends": 0, "append_bytes": 0, "reads": 0, "read_bytes": 0, "commits": 0,
+        self.stats = {"appends": 0, "append_bytes": 0, "reads": 0, "reads_inline": 0, "read_bytes": 0, "commits": 0,
                       "checksum_rejects": 0, "write_seconds": 0.0, "commit_seconds": 0.0,
                       "append_latency_seconds": 0.0}
 
@@ -293,20 +294,32 @@ class ExtentStore:
             # its bytes too, and the pending entries describe `written` exactly.
             overlay[last] = encode_entry(checksum(ext.tail[: end % BLOCK_BYTES]), end % BLOCK_BYTES)
 
-        def work() -> tuple[bytes, bytes]:
-            data = self.backend.read_data(extent_id, start, end - start)
-            entries = bytearray(self.backend.read_checksums(extent_id, first, count))
+        def merge(raw: bytes) -> bytes:
+            entries = bytearray(raw)
             entries.extend(bytes(count * ENTRY_BYTES - len(entries)))
             for block, entry in overlay.items():
                 if first <= block < first + count:
                     pos = (block - first) * ENTRY_BYTES
                     entries[pos:pos + ENTRY_BYTES] = entry
-            return data, bytes(entries)
+            return bytes(entries)
 
-        try:
-            data, entries = await trio.to_thread.run_sync(work, limiter=self._read_lane)
-        except (OSError, BackendError) as exc:
-            raise ExtentError("io_error", f"read failed: {exc}") from None
+        def work() -> tuple[bytes, bytes]:
+            data = self.backend.read_data(extent_id, start, end - start)
+            return data, merge(self.backend.read_checksums(extent_id, first, count))
+
+        # Small reads the page cache can answer are served right here: a thread hand-off
+        # costs more than the read itself (4 KiB random reads).
+        cached = self.backend.read_cached(extent_id, start, end - start, first, count) \
+            if end - start <= _INLINE_READ_BYTES else None
+        if cached is not None:
+            data, entries = cached[0], merge(cached[1])
+            self.stats["reads_inline"] += 1
+            await trio.lowlevel.checkpoint()
+        else:
+            try:
+                data, entries = await trio.to_thread.run_sync(work, limiter=self._read_lane)
+            except (OSError, BackendError) as exc:
+                raise ExtentError("io_error", f"read failed: {exc}") from None
         self.stats["reads"] += 1
         self.stats["read_bytes"] += len(data)
         return start, data, entries

@@ -267,3 +267,20 @@ def test_sweep_orphans_removes_an_interrupted_record_update(make_backend: Callab
     assert not stale.exists()
     assert backend.get_meta(1) == meta(1)
     assert backend.list() == [1]
+
+
+def test_read_cached_answers_like_the_plain_reads_or_not_at_all(backend: Backend) -> None:
+    backend.create(meta(1))
+    payload = bytes(range(256)) * 40  # 10240 bytes: two full blocks and a partial one
+    entries = b"".join(encode_entry(i, 4096) for i in range(3))
+    backend.write_data(1, 0, payload)
+    backend.write_checksums(1, 0, entries)
+    backend.sync_data([1])
+    backend.sync_checksums([1])
+    for offset, length, first, count in ((0, 10240, 0, 3), (4096, 4096, 1, 1), (8192, 2048, 2, 1)):
+        plain = (backend.read_data(1, offset, length), backend.read_checksums(1, first, count))  # warms caches
+        got = backend.read_cached(1, offset, length, first, count)
+        assert got is None or got == plain
+        if isinstance(backend, FileBackend):  # the page cache holds what was just read
+            assert got == plain
+    assert backend.read_cached(1, 8192, 8192, 2, 2) in (None, (payload[8192:], entries[32:]))
