@@ -92,6 +92,7 @@ class OpenFile:
     handles: int = 0
     dirty: Chunk | None = None
     dirty_since: float = 0.0
+    sending: Chunk | None = None  # taken from dirty, being handed to a stream (not in sent yet)
     sent: deque[Chunk] = field(default_factory=deque)
     error: BaseException | None = None
     committing: bool = False
@@ -107,11 +108,13 @@ class OpenFile:
 
     @property
     def pending(self) -> bool:
-        return self.dirty is not None or bool(self.sent) or self.committing
+        return self.dirty is not None or self.sending is not None or bool(self.sent) or self.committing
 
     def pending_chunks(self) -> list[Chunk]:
         """Uncommitted chunks, oldest first (the dirty one last)."""
         chunks = list(self.sent)
+        if self.sending is not None:
+            chunks.append(self.sending)
         if self.dirty is not None:
             chunks.append(self.dirty)
         return chunks

@@ -140,11 +140,20 @@ class FileSystem:
         of = self._files.get(attr.ino)
         return of.view(attr) if of is not None else attr
 
+    async def _current(self, attr: Attr) -> Attr:
+        """``attr`` as this client sees it, unless it predates a commit of this client (read
+        while the commit landed): answered to the kernel, that older size would undo the
+        size the kernel set after the write, and the file would read short until the
+        attribute TTL ran out. Then it is read again."""
+        if self._seen_gen.get(attr.ino, -1) > attr.gen:
+            attr = await self._meta(self.meta.getattr, attr.ino)
+        return self._view(attr)
+
     async def getattr(self, ino: int) -> Attr:
-        return self._view(await self._meta(self.meta.getattr, ino))
+        return await self._current(await self._meta(self.meta.getattr, ino))
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
-        return self._view(await self._meta(self.meta.lookup, parent, name))
+        return await self._current(await self._meta(self.meta.lookup, parent, name))
 
     async def setattr(self, ino: int, **changes: int | None) -> Attr:
         """chmod/chown/truncate/utimes. Pending writes are committed first, so an explicit
@@ -203,9 +212,12 @@ class FileSystem:
 
     async def readdir(self, ino: int, after: bytes | None, limit: int) -> list[DirEntry]:
         entries = await self._meta(self.meta.readdir, ino, after, limit, plus=True)
-        if self._files:
-            entries = [e._replace(attr=self._view(e.attr)) if e.attr is not None and e.ino in self._files else e
-                       for e in entries]
+        for i, e in enumerate(entries):
+            if e.attr is not None and (e.ino in self._files or self._seen_gen.get(e.ino, -1) > e.attr.gen):
+                try:
+                    entries[i] = e._replace(attr=await self._current(e.attr))
+                except FsError:  # removed meanwhile: the listing is a snapshot anyway
+                    pass
         return entries
 
     # ---- xattrs and the redundancy policy -------------------------------------------
@@ -409,6 +421,7 @@ class FileSystem:
         d, of.dirty = of.dirty, None
         if d is None:
             return
+        of.sending = d  # reads (and the size this client reports) must still see it meanwhile
         try:
             stream = await self.streams.stream_for(of.redundancy, of.ino)
             d.ticket = await stream.append(d.data)
@@ -417,6 +430,8 @@ class FileSystem:
             log.error("inode %d: %d bytes at %d not stored: %s", of.ino, len(d.data), d.file_off, exc)
             of.error = of.error or exc
             return
+        finally:
+            of.sending = None
         of.sent.append(d)
         of.mark_busy()
         if not of.committing:
@@ -495,9 +510,13 @@ class FileSystem:
         if m is None:
             attr, items = await self._meta(self.meta.slices, of.ino)
             m = SegmentMap.build(attr, resolve(items, 0, attr.size))
-            if not of.pending:
-                of.adopt(attr)
-            of.segmap = m
+            # A commit (or truncation) of ours may have landed while the map loaded: then
+            # the map predates of.attr and serves this read only, whose pending chunks were
+            # taken before; cached, it would hide the committed chunk from later reads.
+            if attr.gen >= of.attr.gen:
+                if not of.pending:
+                    of.adopt(attr)
+                of.segmap = m
         return m
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
