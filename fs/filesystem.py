@@ -82,7 +82,7 @@ class FileSystem:
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
         self._seen_gen: OrderedDict[int, int] = OrderedDict()
-        self._dir_policy_cache: dict[int, tuple[str | None, float]] = {}
+        self._dir_cache: dict[int, tuple[Attr, str | None, float]] = {}
         self._statfs: tuple[float, dict[str, int]] | None = None
         self._relieving = False
         self._session_lock = trio.Lock()
@@ -158,6 +158,7 @@ class FileSystem:
     async def setattr(self, ino: int, **changes: int | None) -> Attr:
         """chmod/chown/truncate/utimes. Pending writes are committed first, so an explicit
         mtime (``cp -p``) or a truncation is applied after them, not overtaken."""
+        self._dir_cache.pop(ino, None)
         of = self._files.get(ino)
         if of is not None and of.pending:
             await self._flush_file(of)
@@ -205,7 +206,7 @@ class FileSystem:
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         await self._meta(self.meta.rmdir, parent, name)
-        self._dir_policy_cache.clear()
+        self._dir_cache.clear()
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
         await self._meta(self.meta.rename, parent, name, new_parent, new_name, flags)
@@ -233,7 +234,7 @@ class FileSystem:
             value = check_policy(value)
         await self._meta(self.meta.setxattr, ino, name, value, flags)
         if name == POLICY_XATTR:
-            self._dir_policy_cache.pop(ino, None)
+            self._dir_cache.pop(ino, None)
             of = self._files.get(ino)
             if of is not None:
                 of.redundancy = value.decode()
@@ -241,7 +242,7 @@ class FileSystem:
     async def removexattr(self, ino: int, name: bytes) -> None:
         await self._meta(self.meta.removexattr, ino, name)
         if name == POLICY_XATTR:
-            self._dir_policy_cache.pop(ino, None)
+            self._dir_cache.pop(ino, None)
 
     async def _policy_of(self, ino: int) -> str | None:
         try:
@@ -251,16 +252,32 @@ class FileSystem:
                 return None
             raise
 
-    async def _dir_policy(self, ino: int) -> str | None:
+    async def parent_info(self, ino: int) -> tuple[Attr, str | None]:
+        """A directory's attributes and redundancy policy, for creating inside it (mode,
+        setgid, inherited policy). Cached for the attribute TTL — the same staleness the
+        kernel allows itself — and read in one thread hop when not."""
         now = trio.current_time()
-        hit = self._dir_policy_cache.get(ino)
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        policy = await self._policy_of(ino)
-        if len(self._dir_policy_cache) > 10_000:
-            self._dir_policy_cache.clear()
-        self._dir_policy_cache[ino] = (policy, now + max(self.cfg.attr_timeout_s, 0.1))
-        return policy
+        hit = self._dir_cache.get(ino)
+        if hit is not None and hit[2] > now:
+            return hit[0], hit[1]
+
+        def read() -> tuple[Attr, str | None]:
+            attr = self.meta.getattr(ino)
+            try:
+                return attr, self.meta.getxattr(ino, POLICY_XATTR).decode()
+            except FsError as exc:
+                if exc.errno in (errno.ENODATA, errno.ENOENT):
+                    return attr, None
+                raise
+
+        attr, policy = await trio.to_thread.run_sync(read, limiter=self._db_lane)
+        if len(self._dir_cache) > 10_000:
+            self._dir_cache.clear()
+        self._dir_cache[ino] = (attr, policy, now + max(self.cfg.attr_timeout_s, 0.1))
+        return attr, policy
+
+    async def _dir_policy(self, ino: int) -> str | None:
+        return (await self.parent_info(ino))[1]
 
     # ---- open, create, release ------------------------------------------------------
 

@@ -114,7 +114,7 @@ class Operations(pyfuse3.Operations):
         is the directory's and subdirectories stay setgid (the kernel leaves this to us)."""
         mode &= ~ctx.umask & 0o7777
         gid = ctx.gid
-        p = await self.fs.getattr(parent)
+        p, _ = await self.fs.parent_info(parent)
         if p.mode & stat.S_ISGID:
             gid = p.gid
             if is_dir:
