@@ -64,8 +64,13 @@ class Meta:
 
     @classmethod
     def from_url(cls, url: str, config: MetaConfig | None = None, *, pool_size: int = 8) -> Meta:
-        """Open META_URL; no pre-ping (the runner retries on unreachable errors itself)."""
-        return cls(make_engine(url, pool_size=pool_size, pre_ping=False), config)
+        """Open META_URL; no pre-ping (the runner retries on unreachable errors itself).
+
+        SQLite's busy timeout is the unreachable budget (at most 30 s): a write waiting
+        for another process's lock fails within the budget instead of hanging."""
+        budget_s = (config or MetaConfig()).unreachable_timeout_s
+        return cls(make_engine(url, pool_size=pool_size, pre_ping=False, busy_timeout_s=min(30.0, budget_s)),
+                   config)
 
     def close(self) -> None:
         self._runner.close()

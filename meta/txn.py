@@ -121,22 +121,31 @@ class Runner:
             conn.close()
 
     @contextlib.contextmanager
-    def _writer(self) -> Iterator[None]:
+    def _writer(self, what: str) -> Iterator[None]:
         if self._lock is None:
             yield
         else:
-            with self._lock:
+            # Bounded like every wait on the database: a thread ahead of us may be stuck in
+            # SQLite's busy handler behind another process's lock.
+            if not self._lock.acquire(timeout=self.config.unreachable_timeout_s):
+                raise MetaUnavailable(f"{what}: this process's SQLite writer lock was not free for "
+                                      f"{self.config.unreachable_timeout_s:g}s (database busy)")
+            try:
                 yield
+            finally:
+                self._lock.release()
 
     def run(self, fn: Callable[[sa.Connection], T], what: str) -> T:
         cfg = self.config
         attempt = 0
         deadline: float | None = None
+        busy_deadline: float | None = None
         while True:
             attempt += 1
             committing = False
+            started = time.monotonic()
             try:
-                with self._writer():
+                with self._writer(what):
                     conn = self._checkout()
                     try:
                         with conn.begin():
@@ -162,10 +171,14 @@ class Runner:
                         f"may not be applied ({type(exc.orig).__name__})"
                     ) from exc
                 if is_retryable(exc):
-                    if attempt >= cfg.max_attempts:
+                    # A busy SQLite has already waited its busy timeout in each attempt:
+                    # the time budget, not only the attempt count, bounds the retries.
+                    if busy_deadline is None:
+                        busy_deadline = started + cfg.unreachable_timeout_s
+                    if attempt >= cfg.max_attempts or time.monotonic() >= busy_deadline:
                         raise MetaUnavailable(
                             f"{what}: gave up after {attempt} attempts "
-                            f"(serialization failures / deadlocks)"
+                            f"(serialization failures / deadlocks / database busy)"
                         ) from exc
                 elif is_unreachable(exc):
                     now = time.monotonic()
