@@ -95,6 +95,7 @@ class OpenFile:
     sending: Chunk | None = None  # taken from dirty, being handed to a stream (not in sent yet)
     sent: deque[Chunk] = field(default_factory=deque)
     error: BaseException | None = None
+    resends: int = 0  # consecutive re-sends after broken streams (bounded)
     committing: bool = False
     idle: trio.Event = field(default_factory=trio.Event)
     lock: trio.Lock = field(default_factory=trio.Lock)
