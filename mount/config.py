@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from appendfs.config import host_port, option, positive
+from appendfs.config import host_port, non_negative, option, positive
 
 
 @dataclass(frozen=True)
@@ -16,5 +16,6 @@ class MountConfig:
     allow_other: bool = option(False, "let users other than the one mounting use the mount (multi-user hosts)")
     fsname: str = option("appendfs", "the source shown by mount(8) and df")
     max_tasks: int = option(64, "FUSE requests served at once", positive)
+    read_ahead_kb: int = option(4096, "kernel readahead of the mount (its bdi read_ahead_kb); 0 keeps the kernel's 128", non_negative)
     metrics: str | None = option(None, "serve Prometheus /metrics on HOST:PORT", host_port)
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
