@@ -86,17 +86,6 @@ def mount_child(meta_url: str, mountpoint: Path, logs: Path) -> Child:
                  logs / "mount.log")
 
 
-def _detach(mountpoint: Path) -> None:
-    """Remove a dead FUSE mount left by a killed mount process."""
-    try:
-        os.stat(mountpoint)
-        mounted = os.path.ismount(mountpoint)
-    except OSError:
-        mounted = True
-    if mounted:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
-
-
 def _wait_mounted(child: Child, mountpoint: Path, timeout_s: float = 60) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -117,7 +106,7 @@ def run_up(data_dir: Path, mountpoint: Path | None = None) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot create {data_dir}: {exc.strerror}") from None
     if mountpoint is not None:
-        from appendfs.mount.main import preflight
+        from appendfs.mount.main import detach_mount, preflight
 
         mountpoint = mountpoint.absolute()
         try:
@@ -169,7 +158,7 @@ def run_up(data_dir: Path, mountpoint: Path | None = None) -> int:
                 time.sleep(delay)
                 child.restarts += 1
                 if child.name == "mount" and mountpoint is not None:
-                    _detach(mountpoint)
+                    detach_mount(mountpoint)
                 child.start()
     finally:
         for child in children:  # the mount first: it commits buffered data to running DataNodes
@@ -181,7 +170,7 @@ def run_up(data_dir: Path, mountpoint: Path | None = None) -> int:
                     child.proc.kill()
                     child.proc.wait()
         if mountpoint is not None:
-            _detach(mountpoint)
+            detach_mount(mountpoint)
         for child in reversed(children):
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.terminate()

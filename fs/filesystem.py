@@ -36,7 +36,6 @@ from typing import Any, TypeVar
 
 import trio
 
-from appendfs.db import is_sqlite
 from appendfs.fs.budget import BlockCache, ByteBudget, _Fetch
 from appendfs.fs.config import FsConfig
 from appendfs.fs.files import Chunk, OpenFile, SegmentMap, overlay, place_pieces
@@ -81,7 +80,7 @@ class FileSystem:
         self.sid = 0
         self._nursery = nursery
         self._db_lane = trio.CapacityLimiter(cfg.meta_pool)
-        self._inline_reads = cfg.inline_sqlite_reads and is_sqlite(meta.engine)
+        self._inline_reads = cfg.inline_sqlite_reads and meta.is_sqlite
         self._no_caps: dict[int, float] = {}  # ino → until when it surely has no security.capability
         self._ra_lane = trio.CapacityLimiter(cfg.readahead_parallel)
         self._files: dict[int, OpenFile] = {}
@@ -202,7 +201,7 @@ class FileSystem:
     # ---- namespace ------------------------------------------------------------------
 
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        policy = await self._dir_policy(parent)
+        _, policy = await self.parent_info(parent)
         inherit = {POLICY_XATTR: policy.encode()} if policy is not None else None
         return await self._meta(self.meta.mkdir, parent, name, mode, uid, gid, xattrs=inherit)
 
@@ -280,9 +279,10 @@ class FileSystem:
         if name == POLICY_XATTR:
             self._dir_cache.pop(ino, None)
 
-    async def _policy_of(self, ino: int) -> str | None:
+    def _policy_sync(self, ino: int) -> str | None:
+        """The inode's ``user.appendfs.redundancy``, or None (a sync namespace read)."""
         try:
-            return (await self._read(self.meta.getxattr, ino, POLICY_XATTR)).decode()
+            return self.meta.getxattr(ino, POLICY_XATTR).decode()
         except FsError as exc:
             if exc.errno in (errno.ENODATA, errno.ENOENT):
                 return None
@@ -291,34 +291,21 @@ class FileSystem:
     async def parent_info(self, ino: int) -> tuple[Attr, str | None]:
         """A directory's attributes and redundancy policy, for creating inside it (mode,
         setgid, inherited policy). Cached for the attribute TTL — the same staleness the
-        kernel allows itself — and read in one thread hop when not."""
+        kernel allows itself — and read in one namespace call when not."""
         now = trio.current_time()
         hit = self._dir_cache.get(ino)
         if hit is not None and hit[2] > now:
             return hit[0], hit[1]
-
-        def read() -> tuple[Attr, str | None]:
-            attr = self.meta.getattr(ino)
-            try:
-                return attr, self.meta.getxattr(ino, POLICY_XATTR).decode()
-            except FsError as exc:
-                if exc.errno in (errno.ENODATA, errno.ENOENT):
-                    return attr, None
-                raise
-
-        attr, policy = await self._read(read)
+        attr, policy = await self._read(lambda: (self.meta.getattr(ino), self._policy_sync(ino)))
         if len(self._dir_cache) > 10_000:
             self._dir_cache.clear()
         self._dir_cache[ino] = (attr, policy, now + max(self.cfg.attr_timeout_s, 0.1))
         return attr, policy
 
-    async def _dir_policy(self, ino: int) -> str | None:
-        return (await self.parent_info(ino))[1]
-
     # ---- open, create, release ------------------------------------------------------
 
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, flags: int) -> tuple[int, Attr]:
-        policy = await self._dir_policy(parent)
+        _, policy = await self.parent_info(parent)
         # Created and held open in one transaction (one durable commit per new file).
         # The inherited policy is set in that transaction too.
         inherit = {POLICY_XATTR: policy.encode()} if policy is not None else None
@@ -357,7 +344,7 @@ class FileSystem:
             of = self._files.get(ino)
             if of is None:
                 if redundancy is None:
-                    redundancy = await self._policy_of(ino) or self.cfg.redundancy
+                    redundancy = await self._read(self._policy_sync, ino) or self.cfg.redundancy
                 of = self._files.get(ino)  # another open may have raced us through the await
                 if of is None:
                     of = self._files[ino] = OpenFile(ino, attr, redundancy)

@@ -50,6 +50,8 @@ class Meta:
         self.config = config or MetaConfig()
         if check_version:
             schema.check_schema(engine)
+        #: True on SQLite: reads are local snapshot reads that never wait for writers.
+        self.is_sqlite = is_sqlite(engine)
         self._runner = Runner(engine, self.config)
         # PostgreSQL: autocommit (no BEGIN/COMMIT round trips; READ COMMITTED gives no more).
         # SQLite: a deferred snapshot (BEGIN, not BEGIN IMMEDIATE) that never takes the lock.

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,18 @@ def preflight(mountpoint: Path) -> None:
         raise MountError("FUSE is not available: /dev/fuse is missing (apt-get install fuse3; modprobe fuse)") from None
     except OSError as exc:
         raise MountError(f"FUSE is not available: /dev/fuse: {exc.strerror} (in a container, pass --device /dev/fuse)") from None
+
+
+def detach_mount(mountpoint: Path) -> None:
+    """Remove a mount left at ``mountpoint`` — typically a dead FUSE mount (ENOTCONN) of a
+    killed mount process — so the directory can be mounted again (lazy unmount)."""
+    try:
+        os.stat(mountpoint)
+        mounted = os.path.ismount(mountpoint)
+    except OSError:
+        mounted = True
+    if mounted:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
 
 
 def fuse_options(mcfg: MountConfig, extra: frozenset[str] = frozenset()) -> set[str]:

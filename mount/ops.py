@@ -58,13 +58,13 @@ def check_xattr_namespace(name: bytes) -> None:
     raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
 
-def access_ok(attr: Attr, want: int, uid: int, groups: set[int]) -> bool:
+def access_ok(attr: Attr, want: int, uid: int, in_group: bool) -> bool:
     """access(2) rules: root may read/write anything and execute if any x bit is set."""
     if uid == 0:
         return not (want & os.X_OK) or attr.is_dir or bool(attr.mode & 0o111)
     if uid == attr.uid:
         bits = (attr.mode >> 6) & 7
-    elif attr.gid in groups:
+    elif in_group:
         bits = (attr.mode >> 3) & 7
     else:
         bits = attr.mode & 7
@@ -205,13 +205,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         attr = await self.fs.getattr(inode)
-        groups = {ctx.gid}
-        if ctx.uid != 0 and attr.uid != ctx.uid and attr.gid != ctx.gid:
-            try:
-                groups |= pyfuse3.get_sup_groups(ctx.pid)
-            except OSError:  # the process is gone already
-                pass
-        return access_ok(attr, mode, ctx.uid, groups)
+        in_group = ctx.uid != 0 and attr.uid != ctx.uid and self._in_group(attr.gid, ctx)
+        return access_ok(attr, mode, ctx.uid, in_group)
 
     # ---- namespace ------------------------------------------------------------------
 

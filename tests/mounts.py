@@ -14,6 +14,21 @@ from pathlib import Path
 
 from cluster import APPENDFS, Cluster, wait_for
 
+from appendfs.mount.main import detach_mount
+
+
+def drop_page_cache(root: Path) -> None:
+    """Forget the kernel's cached pages of the file ``root`` or of every file below it, so
+    the next reads go through the mount to the file layer and the store."""
+    paths = [root] if root.is_file() else [Path(dp, n) for dp, _, ns in os.walk(root) for n in ns]
+    for p in paths:
+        if p.is_file() and not p.is_symlink():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
 
 def fuse_available() -> str | None:
     """None when FUSE mounts can run here, else the reason they cannot."""
@@ -77,13 +92,7 @@ class Mount:
 
     def detach(self) -> None:
         """Remove a (dead) mount from the kernel's table so the directory is usable again."""
-        try:
-            os.stat(self.path)
-            mounted = os.path.ismount(self.path)
-        except OSError:
-            mounted = True  # ENOTCONN: a dead FUSE mount
-        if mounted:
-            subprocess.run(["umount", "-l", str(self.path)], check=False, capture_output=True)
+        detach_mount(self.path)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

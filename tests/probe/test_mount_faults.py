@@ -30,19 +30,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from cluster import Cluster, files_equal, random_file, wait_for
-from mounts import Mount
+from mounts import Mount, drop_page_cache
 from pgserver import ThrowawayPostgres
 
 MiB = 1 << 20
-
-
-def drop_page_cache(path: Path) -> None:
-    """Forget the kernel's cached pages of ``path`` so reads go to the mount (and the store)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def same_bytes(src: Path, dst: Path) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from cluster import files_equal
-from mounts import Mount
+from mounts import Mount, drop_page_cache
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[3]
@@ -67,19 +67,6 @@ def snapshot(root: Path) -> dict[str, tuple]:
                     digest = hashlib.sha256(f.read()).hexdigest()
                 out[rel] = ("f", stat.S_IMODE(st.st_mode), st.st_mtime_ns // 10**9, st.st_size, st.st_nlink, digest)
     return out
-
-
-def drop_page_cache(root: Path) -> None:
-    """Forget the kernel's cached pages of every file below ``root`` (or of the file
-    ``root``), so the next reads go through the mount to the store."""
-    paths = [root] if root.is_file() else [Path(dp, n) for dp, _, ns in os.walk(root) for n in ns]
-    for p in paths:
-        if p.is_file() and not p.is_symlink():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def assert_same_tree(a: Path, b: Path) -> None:
