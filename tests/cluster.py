@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,31 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"==== {p.name}\n{p.text()[-4000:]}" for p in self.metanodes + self.datanodes)
+
+
+@contextmanager
+def running_up(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """`appendfs up ARGS` until it prints "appendfs is up"; SIGTERM and wait on exit."""
+    with subprocess.Popen([*APPENDFS, "up", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as sup:
+        try:
+            assert sup.stdout is not None
+            for line in sup.stdout:
+                if line.startswith("appendfs is"):
+                    assert line.startswith("appendfs is up"), line
+                    break
+            yield sup
+        finally:
+            sup.send_signal(signal.SIGTERM)
+            sup.wait(90)
+
+
+def wait_gone(pids: Iterable[int], what: str, timeout_s: float = 30) -> None:
+    """Poll until none of ``pids`` runs any more (zombies count as gone)."""
+    def gone() -> bool:
+        return all(not Path(f"/proc/{p}").exists() or "zombie" in Path(f"/proc/{p}/status").read_text().lower()
+                   for p in pids)
+    wait_for(gone, what, timeout_s)
 
 
 def random_file(path: Path, size: int, seed: int) -> Path:

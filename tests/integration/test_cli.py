@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from cluster import files_equal, random_file, wait_for
+from cluster import files_equal, random_file, running_up, wait_gone
 
 APPENDFS = [sys.executable, "-m", "appendfs"]
 
@@ -73,34 +72,19 @@ def test_up_refuses_capabilities_that_have_not_landed(tmp_path: Path) -> None:
 
 def test_up_runs_a_whole_cluster_and_stops_it(tmp_path: Path) -> None:
     data = tmp_path / "up"
-    with subprocess.Popen([*APPENDFS, "up", "--data", str(data)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as sup:
-        try:
-            assert sup.stdout is not None
-            for line in sup.stdout:
-                if line.startswith("appendfs is"):
-                    assert line.startswith("appendfs is up"), line
-                    break
-            run_info = json.loads((data / "run.json").read_text())
-            meta = run_info["meta_url"]
-            st = json.loads(run("status", "--meta", meta, "--json").stdout)
-            assert sum(n["alive"] for n in st["nodes"]) == 3
-            src = random_file(tmp_path / "f.bin", 3 << 20, seed=41)
-            put = run("store", "put", "--meta", meta, str(src))
-            assert put.returncode == 0
-            out = tmp_path / "out.bin"
-            with open(out, "wb") as f:
-                assert subprocess.run([*APPENDFS, "store", "get", "--meta", meta, put.stdout.strip().splitlines()[-1]],
-                                      stdout=f, timeout=120).returncode == 0
-            assert files_equal(src, out)
-        finally:
-            sup.send_signal(signal.SIGTERM)
-            sup.wait(30)
-    pids = run_info["pids"].values()
-
-    def all_gone() -> bool:
-        return all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
-                   for pid in pids)
-    wait_for(all_gone, "every child of `up` to exit", 30)
+    with running_up("--data", str(data)):
+        run_info = json.loads((data / "run.json").read_text())
+        meta = run_info["meta_url"]
+        st = json.loads(run("status", "--meta", meta, "--json").stdout)
+        assert sum(n["alive"] for n in st["nodes"]) == 3
+        src = random_file(tmp_path / "f.bin", 3 << 20, seed=41)
+        put = run("store", "put", "--meta", meta, str(src))
+        assert put.returncode == 0
+        out = tmp_path / "out.bin"
+        with open(out, "wb") as f:
+            assert subprocess.run([*APPENDFS, "store", "get", "--meta", meta, put.stdout.strip().splitlines()[-1]],
+                                  stdout=f, timeout=120).returncode == 0
+        assert files_equal(src, out)
+    wait_gone(run_info["pids"].values(), "every child of `up` to exit")
     assert {p.name for p in (data / "logs").iterdir()} == {"metanode.log", "datanode-1.log", "datanode-2.log",
                                                            "datanode-3.log"}

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cluster import APPENDFS, Cluster, wait_for
+from cluster import APPENDFS, Cluster, running_up, wait_for, wait_gone
 from mounts import Mount, fuse_available
 
 from appendfs.mount.helper import build_argv
@@ -102,24 +102,12 @@ def test_mount_helper_mounts_like_mount8_calls_it(make_cluster: object, sqlite_u
 
 def test_up_with_mount_serves_files_and_stops_cleanly(tmp_path: Path) -> None:
     data, mnt = tmp_path / "up", tmp_path / "mnt"
-    with subprocess.Popen([*APPENDFS, "up", "--data", str(data), "--mount", str(mnt)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as sup:
-        try:
-            assert sup.stdout is not None
-            for line in sup.stdout:
-                if line.startswith("appendfs is"):
-                    assert line.startswith("appendfs is up"), line
-                    break
-            assert os.path.ismount(mnt)
-            (mnt / "docs").mkdir()
-            (mnt / "docs" / "hello").write_bytes(b"hi" * 100_000)
-            assert (mnt / "docs" / "hello").read_bytes() == b"hi" * 100_000
-            run_info = json.loads((data / "run.json").read_text())
-            assert run_info["mount"] == str(mnt) and "mount" in run_info["pids"]
-        finally:
-            sup.send_signal(signal.SIGTERM)
-            sup.wait(90)
+    with running_up("--data", str(data), "--mount", str(mnt)):
+        assert os.path.ismount(mnt)
+        (mnt / "docs").mkdir()
+        (mnt / "docs" / "hello").write_bytes(b"hi" * 100_000)
+        assert (mnt / "docs" / "hello").read_bytes() == b"hi" * 100_000
+        run_info = json.loads((data / "run.json").read_text())
+        assert run_info["mount"] == str(mnt) and "mount" in run_info["pids"]
     assert not os.path.ismount(mnt)
-    pids = run_info["pids"].values()
-    wait_for(lambda: all(not Path(f"/proc/{p}").exists() or "zombie" in Path(f"/proc/{p}/status").read_text().lower()
-                         for p in pids), "every child of `up` to exit", 30)
+    wait_gone(run_info["pids"].values(), "every child of `up` to exit")
