@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,9 +31,29 @@ DATANODES = 3
 _PR_SET_PDEATHSIG = 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free to listen on, chosen *below* the kernel's ephemeral range.
+
+    bind(0) hands out an ephemeral port; between our close and the daemon's bind, any
+    outgoing connection on the host may take that very port (seen in CI: a MetaNode died
+    with EADDRINUSE). Ports below the range are never given to outgoing connections, so
+    only another listener picking the same random number could collide.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything below the range is taken: fall back
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -67,13 +88,13 @@ def plan(data_dir: Path) -> tuple[str, list[Child], dict[str, Any]]:
     meta_url = f"sqlite:///{data_dir}/meta.db"
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    meta_port = _free_port()
+    meta_port = free_port()
     children = [Child("metanode", [*_appendfs(), "metanode", "--meta", meta_url, "--listen", f"127.0.0.1:{meta_port}"],
                       logs / "metanode.log")]
     run: dict[str, Any] = {"meta_url": meta_url, "metanode": f"127.0.0.1:{meta_port}", "datanodes": [],
                               "secret_file": str(data_dir / "secret")}
     for i in range(1, DATANODES + 1):
-        port = _free_port()
+        port = free_port()
         children.append(Child(f"datanode-{i}", [
             *_appendfs(), "datanode", "--listen", f"127.0.0.1:{port}", "--data", str(data_dir / f"datanode-{i}"),
             "--metanode", f"127.0.0.1:{meta_port}", "--secret-file", str(data_dir / "secret")], logs / f"datanode-{i}.log"))

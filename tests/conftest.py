@@ -142,8 +142,12 @@ def module_mount(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         cluster.add_datanode()
     m: Mount | None = None
     try:
-        cluster.wait_alive(3)
-        m = Mount(cluster, root / "mnt", "-o", "allow_other").start()
+        try:
+            cluster.wait_alive(3)
+            m = Mount(cluster, root / "mnt", "-o", "allow_other").start()
+        except BaseException:
+            print(cluster.logs())  # a failed setup has no rep_call to print them
+            raise
         yield m
     finally:
         if m is not None:

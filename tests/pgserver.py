@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,9 +31,9 @@ def _pg_bindir() -> str:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from appendfs.up import free_port  # below the ephemeral range: see its docstring
+
+    return free_port()
 
 
 class ThrowawayPostgres:
