@@ -31,27 +31,36 @@ DATANODES = 3
 _PR_SET_PDEATHSIG = 1
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free to listen on, chosen *below* the kernel's ephemeral range.
 
     bind(0) hands out an ephemeral port; between our close and the daemon's bind, any
     outgoing connection on the host may take that very port (seen in CI: a MetaNode died
     with EADDRINUSE). Ports below the range are never given to outgoing connections, so
-    only another listener picking the same random number could collide.
+    only another listener picking the same random number could collide. Ports handed
+    out by this process are remembered, so a caller that picks several ports before
+    starting any daemon (a test cluster, `up`) never gets the same one twice — a CI run
+    lost a DataNode that way, its port given again before the first one had bound it.
     """
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
     rng = random.SystemRandom()
-    for _ in range(200):
+    for _ in range(200 if low > 2048 else 0):
         port = rng.randrange(max(1024, low - 12000), low)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:  # everything below the range is taken: fall back
         s.bind((host, 0))
         return int(s.getsockname()[1])

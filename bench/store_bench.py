@@ -35,7 +35,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -135,9 +134,9 @@ def loadavg() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from appendfs.up import free_port as below_ephemeral  # see its docstring
+
+    return below_ephemeral()
 
 
 def block_device(path: Path) -> str:
