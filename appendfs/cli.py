@@ -321,6 +321,102 @@ def mount_cmd(meta_url: str, config_file: Path | None, mountpoint: Path, foregro
                  log_file=log_file))
 
 
+# ---- S3 gateway ---------------------------------------------------------------------------
+
+
+@main.group("s3", invoke_without_command=True)
+@click.option("--meta", "meta_url", envvar="APPENDFS_META", default=None, metavar="META_URL",
+              help="database URL (env APPENDFS_META)")
+@config_option
+@click.option("--listen", default=None, metavar="HOST:PORT", help="address to serve HTTP on [127.0.0.1:9000]")
+@click.option("--region", default=None, help="region clients sign for [us-east-1]")
+@click.option("--tls-cert-file", default=None, metavar="PEM", help="serve HTTPS with this certificate")
+@click.option("--tls-key-file", default=None, metavar="PEM", help="private key of --tls-cert-file")
+@click.option("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus /metrics here")
+@click.option("--log-level", default=None)
+@click.pass_context
+@guarded
+def s3_group(ctx: click.Context, meta_url: str | None, config_file: Path | None, **flags: Any) -> None:
+    """Run an S3 gateway over the namespace (`appendfs s3 --meta URL --listen HOST:PORT`);
+    `appendfs s3 keys ...` manages access keys."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not meta_url:
+        raise ConfigError("--meta META_URL (or APPENDFS_META) is required to run the gateway")
+    from appendfs.config import load
+    from appendfs.fs import FsConfig
+    from appendfs.s3.config import S3Config
+    from appendfs.s3.server import serve
+    from appendfs.store.client.config import ClientConfig
+
+    cfg = load(S3Config, "s3", file=config_file, flags=flags)
+    fcfg = load(FsConfig, "fs", file=config_file)
+    ccfg = load(ClientConfig, "client", file=config_file)
+    setup_logging(cfg.log_level)
+
+    async def run() -> None:
+        await serve(meta_url, cfg, fcfg, ccfg)
+
+    run_daemon(run)
+
+
+@s3_group.group("keys")
+def s3_keys() -> None:
+    """Create, list and delete S3 access keys (each belongs to a tenant)."""
+
+
+def _meta(meta_url: str) -> Any:
+    from appendfs.meta import Meta, check_schema
+
+    meta = Meta.from_url(meta_url)
+    check_schema(meta.engine)
+    return meta
+
+
+@s3_keys.command("create")
+@meta_option
+@click.option("--tenant", default="default", show_default=True, help="tenant the key acts for (created if new)")
+@click.option("--uid", type=click.IntRange(0), default=None, help="uid of objects the tenant creates [0 for a new tenant]")
+@click.option("--gid", type=click.IntRange(0), default=None, help="gid of objects the tenant creates [0 for a new tenant]")
+@click.option("--file-mode", default=None, help="mode of new objects, octal [0644 for a new tenant]")
+@click.option("--dir-mode", default=None, help="mode of new directories, octal [0755 for a new tenant]")
+@guarded
+def s3_keys_create(meta_url: str, tenant: str, uid: int | None, gid: int | None, file_mode: str | None,
+                   dir_mode: str | None) -> None:
+    """Create a key pair; prints the access key id and the secret (shown only now)."""
+    from appendfs.s3.keys import create_key
+
+    key = create_key(_meta(meta_url), tenant, uid, gid, file_mode, dir_mode)
+    click.echo(f"access_key_id = {key.access_key}")
+    click.echo(f"secret_access_key = {key.secret_key}")
+    t = key.tenant
+    click.echo(f"# tenant {t.name}: objects uid {t.uid} gid {t.gid} mode {t.file_mode:04o}, "
+               f"directories mode {t.dir_mode:04o}", err=True)
+
+
+@s3_keys.command("list")
+@meta_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@guarded
+def s3_keys_list(meta_url: str, as_json: bool) -> None:
+    """Access keys with their tenants (secrets are not shown)."""
+    from appendfs.s3.keys import render_keys
+
+    keys = _meta(meta_url).s3_keys()
+    click.echo(render_keys(keys, as_json))
+
+
+@s3_keys.command("delete")
+@meta_option
+@click.argument("access_key")
+@guarded
+def s3_keys_delete(meta_url: str, access_key: str) -> None:
+    """Delete an access key (gateways stop accepting it within 10 s)."""
+    if not _meta(meta_url).s3_key_delete(access_key):
+        fail(f"no access key {access_key} (see `appendfs s3 keys list`)", 1)
+    click.echo(f"deleted {access_key}")
+
+
 @main.command("up")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True, help="directory for everything")
 @click.option("--mount", "mountpoint", type=click.Path(path_type=Path), default=None, help="mount the filesystem here")
@@ -328,9 +424,12 @@ def mount_cmd(meta_url: str, config_file: Path | None, mountpoint: Path, foregro
 @guarded
 def up_cmd(data_dir: Path, mountpoint: Path | None, s3_address: str | None) -> None:
     """Run a whole single-host cluster (MetaNode, 3 DataNodes, the mount) on the embedded SQLite default."""
-    if s3_address is not None:
-        raise ConfigError("--s3 is not available yet: the S3 gateway has not landed (issue 5); "
-                          "run `appendfs up --data DIR` without it")
+    from appendfs.config import parse_host_port
     from appendfs.up import run_up
 
-    sys.exit(run_up(data_dir, mountpoint))
+    if s3_address is not None:
+        try:
+            parse_host_port(s3_address)
+        except ValueError as exc:
+            raise ConfigError(f"--s3 {s3_address}: {exc}") from None
+    sys.exit(run_up(data_dir, mountpoint, s3_address))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appendfs.config import parse_host_port
 from appendfs.errors import ConfigError
 
 DATANODES = 3
@@ -127,7 +128,47 @@ def _wait_mounted(child: Child, mountpoint: Path, timeout_s: float = 60) -> bool
     return False
 
 
-def run_up(data_dir: Path, mountpoint: Path | None = None) -> int:
+def s3_child(meta_url: str, address: str, logs: Path) -> Child:
+    return Child("s3", [*_appendfs(), "s3", "--meta", meta_url, "--listen", address], logs / "s3.log")
+
+
+def _wait_listening(child: Child, address: str, timeout_s: float = 60) -> bool:
+    host, port = parse_host_port(address)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child.proc is None or child.proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host or "127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def first_s3_key(meta_url: str, data_dir: Path) -> tuple[str, str]:
+    """The key pair ``up`` prints: created once (tenant ``default``, objects owned by the
+    user running ``up``) and kept in DIR/s3-credentials (mode 0600, aws credentials format)."""
+    from appendfs.meta import Meta
+    from appendfs.s3.keys import create_key
+
+    path = data_dir / "s3-credentials"
+    if path.exists():
+        pairs = dict(line.split(" = ", 1) for line in path.read_text().splitlines() if " = " in line)
+        if "aws_access_key_id" in pairs and "aws_secret_access_key" in pairs:
+            return pairs["aws_access_key_id"], pairs["aws_secret_access_key"]
+    meta = Meta.from_url(meta_url)
+    try:
+        key = create_key(meta, "default", os.getuid(), os.getgid())
+    finally:
+        meta.close()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"[default]\naws_access_key_id = {key.access_key}\naws_secret_access_key = {key.secret_key}\n")
+    return key.access_key, key.secret_key
+
+
+def run_up(data_dir: Path, mountpoint: Path | None = None, s3_address: str | None = None) -> int:
     from appendfs.format import format_cluster
 
     data_dir = data_dir.resolve()
@@ -171,6 +212,17 @@ def run_up(data_dir: Path, mountpoint: Path | None = None) -> int:
         run["mount"] = str(mountpoint)
         run["pids"] = {c.name: c.proc.pid for c in children if c.proc}
         (data_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    if s3_address is not None:
+        run["s3_key"] = first_s3_key(meta_url, data_dir)
+        child = s3_child(meta_url, s3_address, data_dir / "logs")
+        child.start()
+        children.append(child)
+        if not _wait_listening(child, s3_address):
+            print(f"appendfs: the S3 gateway did not come up; see {child.log_path}", file=sys.stderr, flush=True)
+        run["s3"] = s3_address
+        run["pids"] = {c.name: c.proc.pid for c in children if c.proc}
+        (data_dir / "run.json").write_text(json.dumps({k: v for k, v in run.items() if k != "s3_key"}, indent=2)
+                                           + "\n")
     _announce(meta_url, run, data_dir)
     try:
         while not stopping:
@@ -239,7 +291,16 @@ def _announce(meta_url: str, run: dict[str, Any], data_dir: Path) -> None:
     alive = _wait_registered(meta_url, 5)
     state = "up" if alive >= DATANODES else f"starting ({alive}/{DATANODES} DataNodes registered so far)"
     mount = f"\n  mount      {run['mount']}" if run.get("mount") else ""
-    print(f"""appendfs is {state}:{mount}
+    s3 = ""
+    if run.get("s3"):
+        ak, sk = run["s3_key"]
+        s3 = (f"\n  S3         http://{run['s3']}  (path-style; region us-east-1)"
+              f"\n  S3 key     {ak}\n  S3 secret  {sk}   (also in {data_dir}/s3-credentials)")
+    s3_try = ""
+    if run.get("s3"):
+        s3_try = (f"\n  AWS_SHARED_CREDENTIALS_FILE={data_dir}/s3-credentials aws --endpoint-url http://{run['s3']} "
+                  "s3 mb s3://bucket")
+    print(f"""appendfs is {state}:{mount}{s3}
   META_URL   {meta_url}
   MetaNode   {run['metanode']}
   DataNodes  {', '.join(run['datanodes'])}
@@ -248,5 +309,5 @@ try:
   export APPENDFS_META={meta_url}
   appendfs status
   appendfs store put --redundancy rep:3 FILE      # prints a locator
-  appendfs store get LOCATOR > copy
+  appendfs store get LOCATOR > copy{s3_try}
 Ctrl-C stops everything.""", flush=True)

@@ -30,7 +30,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,6 +39,7 @@ import trio
 from appendfs.fs.budget import BlockCache, ByteBudget, _Fetch
 from appendfs.fs.config import FsConfig
 from appendfs.fs.files import Chunk, OpenFile, SegmentMap, overlay, place_pieces
+from appendfs.fs.objects import ObjectWriter, RangeReader, read_range
 from appendfs.fs.streams import StreamPool
 from appendfs.meta import Attr, DirEntry, FsError, Meta, MetaConfig, SessionExpired, resolve
 from appendfs.meta.slices import Segment
@@ -53,6 +54,7 @@ T = TypeVar("T")
 POLICY_XATTR = b"user.appendfs.redundancy"
 _SEEN_MAX = 100_000
 _CAPS_XATTR = b"security.capability"
+PART_OWNER = "s3-part"  # owner of the streams multipart parts go to (DESIGN §8)
 _MAX_RESENDS = 3  # times a file's chunks are sent again after their stream broke, in a row
 
 
@@ -95,6 +97,8 @@ class FileSystem:
         self._releasing: set[int] = set()
         self._release_wake = trio.Event()
         self._released = trio.Event()
+        self._part_streams: StreamPool | None = None
+        self._object_seq = itertools.count()
 
     # ---- lifetime -------------------------------------------------------------------
 
@@ -130,6 +134,8 @@ class FileSystem:
             except Exception as exc:
                 log.error("inode %d: data not committed at shutdown: %s", of.ino, exc)
         await self.streams.close()
+        if self._part_streams is not None:
+            await self._part_streams.close()
         await self._release_batch()
         try:
             await self._meta(self.meta.close_session, self.sid)
@@ -691,6 +697,36 @@ class FileSystem:
                 await self._fetch_block(extent_id, block, lo, hi, span_lo, span_hi)
             except Exception as exc:  # the reader will fetch (and report) it itself
                 log.debug("readahead of extent %d block %d failed: %s", extent_id, block, exc)
+
+    # ---- whole objects (the S3 gateway, DESIGN §5) ----------------------------------
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a :class:`~appendfs.meta.Meta` call in a thread of this client's database lane."""
+        return await self._meta(fn, *args, **kw)
+
+    async def policy_of(self, dir_ino: int) -> str:
+        """The redundancy new files in directory ``dir_ino`` get (its xattr or the default)."""
+        _, policy = await self.parent_info(dir_ino)
+        return policy or self.cfg.redundancy
+
+    @asynccontextmanager
+    async def object_writer(self, redundancy: str, *, part: bool = False) -> AsyncIterator[ObjectWriter]:
+        """An :class:`~appendfs.fs.objects.ObjectWriter` for one object (or multipart part):
+        its bytes go to the store before any namespace change; unfinished, they are abandoned."""
+        if part and self._part_streams is None:
+            self._part_streams = StreamPool(self.client, self.cfg.streams_per_policy, PART_OWNER)
+        pool = self._part_streams if part and self._part_streams is not None else self.streams
+        w = ObjectWriter(pool, self.budget, redundancy, self.cfg.chunk_bytes, next(self._object_seq))
+        try:
+            yield w
+        finally:
+            w.abandon()
+
+    def read_range(self, segments: list[Segment], start: int, end: int) -> AbstractAsyncContextManager[RangeReader]:
+        """Stream ``[start, end)`` of resolved ``segments`` with the readahead window of a
+        sequential reader (block-sized pieces, ``readahead_parallel`` in flight)."""
+        return read_range(self.client, segments, start, end, piece_bytes=self.cfg.block_bytes,
+                          window=self.cfg.readahead_parallel)
 
     # ---- statfs ---------------------------------------------------------------------
 

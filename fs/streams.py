@@ -2,7 +2,9 @@
 
 Files do not get a stream each (a stream costs a lease and an open extent at the
 MetaNode); every client keeps ``streams_per_policy`` streams per policy, owner ``fs``, and
-a file always uses the same one (``ino % n``) so its appends complete in write order. A
+a file always uses the same one (``ino % n``) so its appends complete in write order.
+The S3 gateway keeps a second pool with owner ``s3-part`` for multipart parts (DESIGN §8:
+the owner tells a future GC which index decides liveness). A
 stream that broke (lease lost, no space, no healthy DataNodes for too long) is replaced
 on next use; the chunks that were on it fail with that error at their file's flush.
 """
@@ -21,9 +23,10 @@ OWNER = "fs"
 
 
 class StreamPool:
-    def __init__(self, client: StoreClient, per_policy: int) -> None:
+    def __init__(self, client: StoreClient, per_policy: int, owner: str = OWNER) -> None:
         self.client = client
         self.per_policy = per_policy
+        self.owner = owner
         self._streams: dict[tuple[str, int], LogStream] = {}
         self._opening: dict[tuple[str, int], trio.Lock] = {}
 
@@ -39,7 +42,7 @@ class StreamPool:
                 return s
             if s is not None:
                 log.warning("stream %d (%s) failed: %s — opening a new one", s.stream_id, redundancy, s.failed)
-            s = await self.client.create_stream(OWNER, redundancy)
+            s = await self.client.create_stream(self.owner, redundancy)
             self._streams[key] = s
             return s
 

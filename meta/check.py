@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import stat
 from collections import Counter, defaultdict
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -108,10 +109,31 @@ def check_invariants(conn: sa.Connection) -> list[str]:
         elif seq > row.slice_seq:
             problems.append(f"inode {ino}: slice seq {seq} > inode.slice_seq {row.slice_seq}")
 
+    problems.extend(_check_s3(conn, inodes))
+
     next_ino = conn.execute(
         sa.select(schema.counter.c.value).where(schema.counter.c.name == schema.NEXT_INO)
     ).scalar_one()
     top = max([*inodes, *queued])
     if next_ino <= top:
         problems.append(f"counter next_ino {next_ino} <= highest inode {top}")
+    return problems
+
+
+def _check_s3(conn: sa.Connection, inodes: dict[int, sa.Row[Any]]) -> list[str]:
+    """Invariant 5: S3 rows name live inodes of the right kind."""
+    problems: list[str] = []
+    OBJ, B = schema.s3_object, schema.s3_bucket
+    for r in conn.execute(sa.select(OBJ.c.ino, OBJ.c.gen)):
+        a = inodes.get(r.ino)
+        if a is None:
+            problems.append(f"s3_object row of missing inode {r.ino} (orphan)")
+        elif a.kind not in (stat.S_IFREG, stat.S_IFDIR):
+            problems.append(f"s3_object row of inode {r.ino} of kind {a.kind:o}")
+        elif r.gen > a.gen:
+            problems.append(f"s3_object of inode {r.ino}: gen {r.gen} > inode gen {a.gen}")
+    for r in conn.execute(sa.select(B.c.name, B.c.ino)):
+        a = inodes.get(r.ino)
+        if a is None or a.kind != stat.S_IFDIR:
+            problems.append(f"bucket {r.name!r}: inode {r.ino} is not a live directory")
     return problems

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import socket
 import stat
 import threading
@@ -30,11 +31,23 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from appendfs.db import is_sqlite, make_engine
-from appendfs.meta import check, data, listing, ops, schema
+from appendfs.meta import check, data, listing, ops, s3, schema
 from appendfs.meta import slices as sl
-from appendfs.meta.errors import FsError
+from appendfs.meta.errors import CommitOutcomeUnknown, FsError, MetaError, S3Error
 from appendfs.meta.txn import IdAllocator, MetaConfig, Runner
-from appendfs.meta.types import Attr, DirEntry, ListResult, StatFs
+from appendfs.meta.types import (
+    Attr,
+    DirEntry,
+    ListResult,
+    PutConditions,
+    S3Bucket,
+    S3Key,
+    S3Object,
+    S3Part,
+    S3Tenant,
+    S3Upload,
+    StatFs,
+)
 
 T = TypeVar("T")
 I, D = schema.inode, schema.dentry  # noqa: E741
@@ -407,11 +420,258 @@ class Meta:
             ),
         )
 
+    # --- S3: tenants and access keys (bodies in appendfs.meta.s3) ------------------------
+
+    def s3_tenant_set(
+        self, name: str, uid: int, gid: int, file_mode: int = 0o644, dir_mode: int = 0o755
+    ) -> S3Tenant:
+        """Create or update a tenant: the POSIX identity its S3 requests create things as."""
+        t = S3Tenant(name, uid, gid, file_mode, dir_mode)
+        s3.check_tenant(t)
+        return self._write("s3_tenant_set", lambda c: s3.tenant_set(c, t, time.time_ns()))
+
+    def s3_tenant(self, name: str) -> S3Tenant | None:
+        return self._read("s3_tenant", lambda c: s3.tenant_get(c, name))
+
+    def s3_tenants(self) -> list[S3Tenant]:
+        return self._read("s3_tenants", s3.tenants)
+
+    def s3_key_create(
+        self, tenant: str, access_key: str | None = None, secret_key: str | None = None
+    ) -> S3Key:
+        """Add an access key of ``tenant`` (generated unless given); InvalidArgument if the
+        tenant does not exist or the access key is taken."""
+        access = access_key if access_key is not None else s3.new_access_key(secrets)
+        secret = secret_key if secret_key is not None else s3.new_secret_key(secrets)
+        s3.check_credentials(access, secret)
+        return self._write(
+            "s3_key_create", lambda c: s3.key_create(c, tenant, access, secret, time.time_ns())
+        )
+
+    def s3_key(self, access_key: str) -> S3Key | None:
+        return self._read("s3_key", lambda c: s3.key_get(c, access_key))
+
+    def s3_keys(self, tenant: str | None = None) -> list[S3Key]:
+        """Access keys in access-key order (of one tenant, or all)."""
+        return self._read("s3_keys", lambda c: s3.keys(c, tenant))
+
+    def s3_key_delete(self, access_key: str) -> bool:
+        return self._write("s3_key_delete", lambda c: s3.key_delete(c, access_key))
+
+    # --- S3: buckets ---------------------------------------------------------------------
+
+    def s3_bucket_create(
+        self, name: str, tenant: str, *, inherit_xattrs: Sequence[bytes] = ()
+    ) -> S3Bucket:
+        """mkdir /``name`` as the tenant (uid, gid, dir_mode) and register it as its bucket.
+
+        BucketAlreadyOwnedByYou / BucketAlreadyExists (another tenant's, or a top-level
+        entry that is not a bucket); InvalidBucketName; InvalidArgument without the tenant.
+        """
+        s3.check_bucket_name(name)
+        inherit = tuple(ops.check_xattr_name(x) for x in inherit_xattrs)
+        ino = self._inos.next()
+        return self._write(
+            "s3_bucket_create",
+            lambda c: s3.bucket_create(c, name, tenant, inherit, ino, time.time_ns(), self._gran),
+        )
+
+    def s3_bucket(self, name: str) -> S3Bucket | None:
+        return self._read("s3_bucket", lambda c: s3.bucket_get(c, name))
+
+    def s3_buckets(self, tenant: str) -> list[S3Bucket]:
+        """The tenant's buckets in name order."""
+        return self._read("s3_buckets", lambda c: s3.buckets(c, tenant))
+
+    def s3_bucket_delete(self, name: str, tenant: str) -> None:
+        """Remove the tenant's empty bucket and abort its uploads (NoSuchBucket,
+        BucketNotEmpty)."""
+        self._write("s3_bucket_delete", lambda c: s3.bucket_delete(c, name, tenant, time.time_ns()))
+
+    # --- S3: objects ---------------------------------------------------------------------
+
+    def _with_ids(self, n: int, what: str, fn: Callable[[sa.Connection, s3.IdPool], T]) -> T:
+        """Run a write that needs up to ``n`` new inode numbers; unused ones go back."""
+        pool = s3.IdPool([self._inos.next() for _ in range(n)])
+        try:
+            result = self._write(what, lambda c: fn(c, pool))
+        except CommitOutcomeUnknown:
+            raise  # the ids may be in use
+        except MetaError:
+            pool.restart()  # rolled back: none is used
+            self._inos.give_back(pool.unused())
+            raise
+        self._inos.give_back(pool.unused())
+        return result
+
+    def s3_put_object(
+        self,
+        bucket_ino: int,
+        key: bytes,
+        slices: Sequence[sl.NewSlice],
+        size: int,
+        *,
+        uid: int,
+        gid: int,
+        file_mode: int,
+        dir_mode: int,
+        etag: str | None,
+        headers: dict[str, str],
+        cond: PutConditions | None = None,
+        inherit_xattrs: Sequence[bytes] = (),
+        mtime_ns: int | None = None,
+    ) -> S3Object:
+        """Create or atomically replace the object at ``key`` in one transaction.
+
+        The slices (file offsets; holes allowed) are already durable in the store. Missing
+        directories of the key are created (uid, gid, dir_mode, xattrs ``inherit_xattrs``
+        copied from the parent — the new file copies them too). A key ending in '/' makes
+        sure that directory exists (no data). The old file at the key loses its link as
+        with rename-over. S3Error: InvalidKey, KeyConflict, NoSuchBucket, conditions
+        (PreconditionFailed, NoSuchKey for If-Match without an object, EtagUnknown).
+        """
+        path = s3.split_key(bytes(key))
+        items = tuple(slices)
+        if path.is_dir and (items or size):
+            raise S3Error("InvalidArgument", "a key ending in '/' is a directory: no data")
+        s3.check_slices(items, size)
+        owner = _owner(uid, gid, file_mode, dir_mode, inherit_xattrs)
+        body = s3.Body(items, size, etag, s3.clean_headers(headers), mtime_ns)
+        put = s3.Put(bucket_ino, bytes(key), path, body, owner, cond)
+        n = len(path.dirs) + (0 if path.is_dir else 1)
+        return self._with_ids(
+            n, "s3_put_object",
+            lambda c, ids: s3.put_object(c, put, ids, time.time_ns(), self._gran),
+        )
+
+    def s3_get_object(self, bucket_ino: int, key: bytes) -> S3Object:
+        """The object at ``key`` (NoSuchKey, NoSuchBucket); etag None if unknown for its gen."""
+        return self._read("s3_get_object", lambda c: s3.get_object(c, bucket_ino, bytes(key)))
+
+    def s3_object_by_ino(self, ino: int) -> S3Object | None:
+        """The S3 view of inode ``ino`` (its key is not known: b""), None if it is gone."""
+        return self._read("s3_object_by_ino", lambda c: s3.object_by_ino(c, ino))
+
+    def s3_etags(self, inos: Sequence[int]) -> dict[int, str]:
+        """ETags known for the current generation of these inodes (listings)."""
+        items = list(inos)
+        return self._read("s3_etags", lambda c: s3.etags(c, items))
+
+    def s3_set_etag(self, ino: int, gen: int, etag: str) -> bool:
+        """Store a computed ETag for generation ``gen``; False if the file changed or is gone."""
+        return self._write("s3_set_etag", lambda c: s3.set_etag(c, ino, gen, etag))
+
+    def s3_delete_object(self, bucket_ino: int, key: bytes) -> bool:
+        """Remove the object (False if none); then the directories of the key left empty."""
+        k = bytes(key)
+        return self._write(
+            "s3_delete_object",
+            lambda c: s3.delete_object(c, bucket_ino, k, time.time_ns(), self._gran),
+        )
+
+    # --- S3: multipart uploads -----------------------------------------------------------
+
+    def s3_upload_create(self, bucket: str, key: bytes, headers: dict[str, str]) -> S3Upload:
+        """Start a multipart upload (InvalidKey, also for a directory key; NoSuchBucket)."""
+        k = bytes(key)
+        if s3.split_key(k).is_dir:
+            raise S3Error("InvalidKey", "a key ending in '/' is a directory: no multipart upload")
+        text = s3.headers_json(s3.clean_headers(headers))
+        upload_id = secrets.token_hex(16)
+        return self._write(
+            "s3_upload_create",
+            lambda c: s3.upload_create(c, upload_id, bucket, k, text, time.time_ns()),
+        )
+
+    def s3_upload(self, upload_id: str) -> S3Upload:
+        return self._read("s3_upload", lambda c: s3.upload_get(c, upload_id))
+
+    def s3_part_put(
+        self,
+        upload_id: str,
+        part_number: int,
+        size: int,
+        etag: str,
+        pieces: Sequence[sl.NewSlice],
+    ) -> None:
+        """Store part ``part_number`` (replacing one of that number). ``pieces``' file_off
+        is the offset within the part; the bytes are durable in s3-part streams."""
+        s3.check_part_number(part_number)
+        items = list(pieces)
+        s3.check_pieces(items, size)
+        e = s3.check_md5(etag)
+        self._write(
+            "s3_part_put",
+            lambda c: s3.part_put(c, upload_id, part_number, size, e, items, time.time_ns()),
+        )
+
+    def s3_parts(
+        self, upload_id: str, after_part: int = 0, max_parts: int = 1000
+    ) -> tuple[list[S3Part], bool]:
+        """Parts after ``after_part`` in number order and whether more follow."""
+        return self._read("s3_parts", lambda c: s3.parts(c, upload_id, after_part, max_parts))
+
+    def s3_uploads(
+        self,
+        bucket: str,
+        prefix: bytes = b"",
+        key_marker: bytes | None = None,
+        upload_id_marker: str | None = None,
+        max_uploads: int = 1000,
+    ) -> tuple[list[S3Upload], bool]:
+        """In-progress uploads of ``bucket`` by (key, initiation); whether more follow."""
+        return self._read(
+            "s3_uploads",
+            lambda c: s3.uploads(
+                c, bucket, bytes(prefix), key_marker, upload_id_marker, max_uploads
+            ),
+        )
+
+    def s3_upload_complete(
+        self,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        *,
+        min_part_bytes: int,
+        uid: int,
+        gid: int,
+        file_mode: int,
+        dir_mode: int,
+        inherit_xattrs: Sequence[bytes] = (),
+        cond: PutConditions | None = None,
+        mtime_ns: int | None = None,
+    ) -> S3Object:
+        """Complete an upload: the listed parts' slices, concatenated (no data copy), become
+        the object at its key exactly as :meth:`s3_put_object` would put it; the upload is
+        gone afterwards. NoSuchUpload, MalformedXML (no parts), InvalidPartOrder,
+        InvalidPart, EntityTooSmall, and the errors of s3_put_object."""
+        owner = _owner(uid, gid, file_mode, dir_mode, inherit_xattrs)
+        req = s3.Complete(upload_id, tuple(parts), min_part_bytes, owner, cond, mtime_ns)
+        up = self.s3_upload(upload_id)  # for the number of ids the key may need
+        n = len(s3.split_key(up.key).dirs) + 1
+        return self._with_ids(
+            n, "s3_upload_complete",
+            lambda c, ids: s3.upload_complete(c, req, ids, time.time_ns(), self._gran),
+        )
+
+    def s3_upload_abort(self, upload_id: str) -> None:
+        self._write("s3_upload_abort", lambda c: s3.upload_abort(c, upload_id))
+
+    def s3_uploads_expire(self, older_than_ns: int) -> int:
+        """Abort the uploads initiated before ``older_than_ns``; returns how many."""
+        return self._write("s3_uploads_expire", lambda c: s3.uploads_expire(c, older_than_ns))
+
     # --- checking ------------------------------------------------------------------------
 
     def check_invariants(self) -> list[str]:
         """Problems found (empty when sound); see :mod:`appendfs.meta.check`."""
         return self._read("check_invariants", check.check_invariants)
+
+
+def _owner(
+    uid: int, gid: int, file_mode: int, dir_mode: int, inherit: Sequence[bytes]
+) -> s3.Owner:
+    return s3.Owner(uid, gid, file_mode, dir_mode, tuple(ops.check_xattr_name(x) for x in inherit))
 
 
 def _end_expired(conn: sa.Connection, *, sid: int, now: int) -> bool:

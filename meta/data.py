@@ -51,7 +51,7 @@ def _file_for_write(conn: sa.Connection, ino: int) -> Attr:
     return a
 
 
-def _insert_slices(conn: sa.Connection, a: Attr, new: Sequence[sl.NewSlice]) -> int:
+def insert_slices(conn: sa.Connection, a: Attr, new: Sequence[sl.NewSlice]) -> int:
     """Insert ``new`` with seqs after a.slice_seq (later in the list wins); return last seq."""
     rows = [
         {
@@ -73,7 +73,7 @@ def commit_slices(
     conn: sa.Connection, ino: int, new: Sequence[sl.NewSlice], mtime_ns: int, now: int
 ) -> Attr:
     a = _file_for_write(conn, ino)
-    seq = _insert_slices(conn, a, new)
+    seq = insert_slices(conn, a, new)
     size = max([a.size, *(s.file_off + s.length for s in new)])
     return update_inode(conn, a, size=size, mtime_ns=mtime_ns, ctime_ns=now, slice_seq=seq)
 
@@ -94,7 +94,7 @@ def compact(conn: sa.Connection, ino: int, now: int) -> tuple[int, int]:
     if len(new) >= len(old):
         return len(old), len(old)
     conn.execute(sa.delete(S).where(S.c.ino == ino))
-    seq = _insert_slices(conn, a, new)
+    seq = insert_slices(conn, a, new)
     update_inode(conn, a, slice_seq=seq)
     return len(old), len(new)
 
@@ -111,7 +111,7 @@ def replace_slices(
     if a.slice_seq != expect_slice_seq or any(s.file_off + s.length > a.size for s in new):
         return False
     conn.execute(sa.delete(S).where(S.c.ino == ino))
-    update_inode(conn, a, slice_seq=_insert_slices(conn, a, new))
+    update_inode(conn, a, slice_seq=insert_slices(conn, a, new))
     return True
 
 

@@ -5,6 +5,9 @@ callers:
 
 * :class:`FsError` carries a POSIX ``errno`` (ENOENT, EEXIST, ENOTEMPTY …); it is
   permanent for the given call and the mount maps it to that errno in one place.
+* :class:`S3Error` carries an S3 error ``code`` (NoSuchKey, BucketNotEmpty …) for the
+  conditions of the S3 transactions (:mod:`appendfs.meta.s3`); it is permanent for the
+  call, except ``EtagUnknown``, which asks the gateway to compute an ETag and call again.
 * :class:`MetaUnavailable` is temporary: the database could not be reached (or kept
   refusing with serialization failures) within the bounded retry budget. Nothing was
   applied — except for :class:`CommitOutcomeUnknown`, raised when the connection died
@@ -36,6 +39,27 @@ class FsError(MetaError):
         super().__init__(f"{text}: {detail}" if detail else text)
         self.errno = errno
         self.detail = detail
+
+
+class S3Error(MetaError):
+    """An S3 condition: ``code`` is the S3 error code the gateway answers with.
+
+    Codes raised: NoSuchBucket, BucketAlreadyExists, BucketAlreadyOwnedByYou,
+    BucketNotEmpty, InvalidBucketName, NoSuchKey, NoSuchUpload, InvalidPart,
+    InvalidPartOrder, EntityTooSmall, MalformedXML, PreconditionFailed, MetadataTooLarge,
+    InvalidArgument, and two of ours: ``KeyConflict`` (a key would turn a file into a
+    directory or the reverse; HTTP 409) and ``InvalidKey`` (a key no path can represent).
+    ``EtagUnknown`` is not an answer: a condition needs the ETag of the existing object
+    ``ino``, which is unknown for its current generation; compute and store it
+    (:meth:`~appendfs.meta.Meta.s3_set_etag`), then call again. The call changed nothing.
+    """
+
+    def __init__(self, code: str, message: str = "", *, ino: int | None = None) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message or code
+        #: The inode a condition needs the ETag of (``EtagUnknown`` only).
+        self.ino = ino
 
 
 class MetaUnavailable(MetaError):

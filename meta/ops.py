@@ -301,8 +301,16 @@ def is_open(conn: sa.Connection, ino: int) -> bool:
 
 
 def destroy_inode(conn: sa.Connection, a: Attr, now: int) -> None:
-    """Remove an inode nobody names or holds open; a file's slices go to the delete queue."""
+    """Remove an inode nobody names or holds open; a file's slices go to the delete queue.
+
+    Rows that only describe the inode go with it: xattrs, symlink target, its S3 view
+    (``s3_object``) and, for a bucket's directory, the bucket and its uploads.
+    """
     conn.execute(sa.delete(X).where(X.c.ino == a.ino))
+    if a.kind in (stat.S_IFREG, stat.S_IFDIR):
+        conn.execute(sa.delete(schema.s3_object).where(schema.s3_object.c.ino == a.ino))
+    if a.kind == stat.S_IFDIR:
+        drop_bucket(conn, a.ino)
     if a.kind == stat.S_IFLNK:
         conn.execute(sa.delete(schema.symlink).where(schema.symlink.c.ino == a.ino))
     if a.kind == stat.S_IFREG:
@@ -310,6 +318,30 @@ def destroy_inode(conn: sa.Connection, a: Attr, now: int) -> None:
     res = conn.execute(sa.delete(I).where(I.c.ino == a.ino, I.c.gen == a.gen))
     if res.rowcount != 1:
         raise Retry(f"inode {a.ino} changed under us")
+
+
+def drop_bucket(conn: sa.Connection, ino: int) -> None:
+    """Delete the bucket whose directory is ``ino`` (if any) with its uploads."""
+    B, U = schema.s3_bucket, schema.s3_upload
+    # FOR UPDATE: an upload being created holds the row FOR KEY SHARE; we wait for it and
+    # then see (and delete) its upload, or it finds no bucket after us.
+    q = sa.select(B.c.name).where(B.c.ino == ino).with_for_update()
+    name = conn.execute(q).scalar_one_or_none()
+    if name is None:
+        return
+    ids = conn.execute(sa.select(U.c.upload_id).where(U.c.bucket == name)).scalars().all()
+    delete_uploads(conn, list(ids))
+    conn.execute(sa.delete(B).where(B.c.name == name))
+
+
+def delete_uploads(conn: sa.Connection, upload_ids: Sequence[str]) -> None:
+    """Delete multipart uploads with their parts (their store bytes become garbage)."""
+    P, PS, U = schema.s3_part, schema.s3_part_slice, schema.s3_upload
+    for i in range(0, len(upload_ids), 500):  # bounded IN lists
+        chunk = list(upload_ids[i : i + 500])
+        conn.execute(sa.delete(PS).where(PS.c.upload_id.in_(chunk)))
+        conn.execute(sa.delete(P).where(P.c.upload_id.in_(chunk)))
+        conn.execute(sa.delete(U).where(U.c.upload_id.in_(chunk)))
 
 
 def drop_link(conn: sa.Connection, a: Attr, now: int) -> None:

@@ -27,6 +27,12 @@ Invariants (checked by :func:`appendfs.meta.check.check_invariants`):
    (a ``sustained`` row); the last close moves it to ``delfile``.
 4. Every slice belongs to an existing inode or to an inode in ``delfile``, and ends at or
    before its inode's ``size``.
+5. S3 rows name live inodes: an ``s3_object`` row's inode exists (regular file or
+   directory) and its ``gen`` is at most the inode's; an ``s3_bucket`` row's inode is a
+   directory.
+
+History: version 2 added ``s3_tenant`` and ``s3_object``; credentials and buckets name a
+tenant instead of carrying uid/gid and an owner key.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from sqlalchemy.engine import Engine
 from appendfs.errors import NotFormatted, VersionMismatch
 
 #: Bump on every incompatible change; ``check_schema`` refuses any other version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 ROOT_INO = 1
 #: Counter names in ``counter`` (batched allocation, see appendfs.meta.txn.IdAllocator).
@@ -399,6 +405,48 @@ plock = sa.Table(
     comment="POSIX fcntl() byte-range locks (not exposed through the mount yet).",
 )
 
+s3_tenant = sa.Table(
+    "s3_tenant",
+    metadata,
+    sa.Column(
+        "name",
+        sa.String(64),
+        primary_key=True,
+        comment="Tenant name: owns buckets (s3_bucket.tenant) and access keys.",
+    ),
+    sa.Column("uid", sa.BigInteger, nullable=False, comment="POSIX uid of what it creates."),
+    sa.Column("gid", sa.BigInteger, nullable=False, comment="POSIX gid of what it creates."),
+    sa.Column(
+        "file_mode", sa.Integer, nullable=False, comment="Permission bits of new objects (& 0o7777)."
+    ),
+    sa.Column(
+        "dir_mode",
+        sa.Integer,
+        nullable=False,
+        comment="Permission bits of new buckets and of the directories keys create (& 0o7777).",
+    ),
+    sa.Column("created_ns", sa.BigInteger, nullable=False, comment="Creation time."),
+    comment="S3 tenants: the POSIX identity S3 requests act as. Changing one changes only "
+    "what is created afterwards.",
+)
+
+s3_credential = sa.Table(
+    "s3_credential",
+    metadata,
+    sa.Column("access_key", sa.String(128), primary_key=True, comment="Access key id."),
+    sa.Column("secret_key", sa.String(128), nullable=False, comment="Secret for SigV4."),
+    sa.Column(
+        "tenant",
+        sa.String(64),
+        sa.ForeignKey("s3_tenant.name"),
+        nullable=False,
+        comment="The tenant the key acts as.",
+    ),
+    sa.Column("created_ns", sa.BigInteger, nullable=False, comment="Creation time."),
+    sa.Index("s3_credential_tenant", "tenant"),
+    comment="S3 access keys; any number per tenant.",
+)
+
 s3_bucket = sa.Table(
     "s3_bucket",
     metadata,
@@ -409,28 +457,68 @@ s3_bucket = sa.Table(
         sa.ForeignKey("inode.ino"),
         nullable=False,
         unique=True,
-        comment="The top-level directory that is the bucket.",
+        comment="The directory that is the bucket, created under the root with the same "
+        "name. Destroying the directory (rmdir, also through the mount) deletes this row "
+        "and the bucket's uploads in the same transaction.",
     ),
-    sa.Column("owner", sa.String(128), nullable=False, comment="Access key id of the owner."),
+    sa.Column(
+        "tenant",
+        sa.String(64),
+        sa.ForeignKey("s3_tenant.name"),
+        nullable=False,
+        comment="Owning tenant; only it sees and changes the bucket.",
+    ),
     sa.Column("created_ns", sa.BigInteger, nullable=False, comment="Creation time."),
+    sa.Index("s3_bucket_tenant", "tenant", "name"),
     comment="S3 buckets: a bucket is a top-level directory (DESIGN §5).",
 )
 
-s3_credential = sa.Table(
-    "s3_credential",
+s3_object = sa.Table(
+    "s3_object",
     metadata,
-    sa.Column("access_key", sa.String(128), primary_key=True, comment="Access key id."),
-    sa.Column("secret_key", sa.String(128), nullable=False, comment="Secret for SigV4."),
-    sa.Column("uid", sa.BigInteger, nullable=False, comment="POSIX uid objects are created with."),
-    sa.Column("gid", sa.BigInteger, nullable=False, comment="POSIX gid objects are created with."),
-    sa.Column("created_ns", sa.BigInteger, nullable=False, comment="Creation time."),
-    comment="S3 credentials.",
+    sa.Column(
+        "ino",
+        sa.BigInteger,
+        sa.ForeignKey("inode.ino"),
+        primary_key=True,
+        comment="A regular file (an object) or a directory PUT as a key ending in '/' (a "
+        "directory with a row is not removed when its last key goes). Deleted with the "
+        "inode (ops.destroy_inode).",
+    ),
+    sa.Column(
+        "gen",
+        sa.BigInteger,
+        nullable=False,
+        comment="inode.gen the etag was computed for; <= inode.gen. The etag is valid only "
+        "while inode.gen == gen: any update of the inode (a write through the mount) "
+        "makes it unknown until the gateway stores it again.",
+    ),
+    sa.Column(
+        "etag",
+        sa.String(64),
+        nullable=True,
+        comment="Hex MD5 of the content (md5-of-md5s-N for multipart), no quotes; NULL "
+        "when not known.",
+    ),
+    sa.Column(
+        "headers",
+        sa.Text,
+        nullable=False,
+        comment="JSON object of stored content headers (content-type …) and x-amz-meta-*; "
+        "valid whatever gen is.",
+    ),
+    comment="The S3 view of files: ETag and stored headers (absent row: unknown, none).",
 )
 
 s3_upload = sa.Table(
     "s3_upload",
     metadata,
-    sa.Column("upload_id", sa.String(64), primary_key=True, comment="Opaque multipart upload id."),
+    sa.Column(
+        "upload_id",
+        sa.String(64),
+        primary_key=True,
+        comment="Random 32 hex digits; never reused.",
+    ),
     sa.Column(
         "bucket",
         sa.String(63),
@@ -438,11 +526,21 @@ s3_upload = sa.Table(
         nullable=False,
         comment="Target bucket.",
     ),
-    sa.Column("key", sa.LargeBinary, nullable=False, comment="Target object key (bytes)."),
+    sa.Column(
+        "key",
+        sa.LargeBinary,
+        nullable=False,
+        comment="Target object key (bytes), valid (appendfs.meta.s3.split_key), not a "
+        "directory key.",
+    ),
     sa.Column("initiated_ns", sa.BigInteger, nullable=False, comment="Initiation time."),
-    sa.Column("headers", sa.Text, nullable=False, comment="JSON of stored object headers."),
-    sa.Index("s3_upload_key", "bucket", "key"),
-    comment="In-progress multipart uploads.",
+    sa.Column(
+        "headers", sa.Text, nullable=False, comment="JSON of the object's stored headers."
+    ),
+    sa.Index("s3_upload_key", "bucket", "key", "initiated_ns", "upload_id"),
+    sa.Index("s3_upload_initiated", "initiated_ns"),
+    comment="In-progress multipart uploads; deleted (with parts) on completion, abort, "
+    "expiry and bucket removal.",
 )
 
 s3_part = sa.Table(
@@ -456,8 +554,13 @@ s3_part = sa.Table(
         comment="Upload the part belongs to.",
     ),
     sa.Column("part_number", sa.Integer, primary_key=True, comment="1..10000."),
-    sa.Column("size", sa.BigInteger, nullable=False, comment="Part size in bytes."),
-    sa.Column("etag", sa.String(64), nullable=False, comment="MD5 of the part (hex)."),
+    sa.Column(
+        "size",
+        sa.BigInteger,
+        nullable=False,
+        comment="Part size in bytes; its slices lie within [0, size).",
+    ),
+    sa.Column("etag", sa.String(64), nullable=False, comment="MD5 of the part (hex, no quotes)."),
     sa.Column("created_ns", sa.BigInteger, nullable=False, comment="Upload time."),
     comment="Uploaded parts; their data maps are in s3_part_slice.",
 )
@@ -469,9 +572,18 @@ s3_part_slice = sa.Table(
     sa.Column("part_number", sa.Integer, primary_key=True, comment="Part."),
     sa.Column("part_off", sa.BigInteger, primary_key=True, comment="Offset within the part."),
     sa.Column(
-        "length", sa.BigInteger, nullable=False, comment="Bytes (> 0); part slices never overlap."
+        "length",
+        sa.BigInteger,
+        nullable=False,
+        comment="Bytes (> 0); slices of one part never overlap and end at or before its size.",
     ),
-    sa.Column("extent_id", U64, nullable=False, comment="Logical extent (owner s3-part)."),
+    sa.Column(
+        "extent_id",
+        U64,
+        nullable=False,
+        comment="Logical extent (in an s3-part stream). Completion copies these rows into "
+        "`slice`, so a completed object's slices point into s3-part extents too.",
+    ),
     sa.Column("ext_off", sa.BigInteger, nullable=False, comment="Offset in the extent."),
     sa.ForeignKeyConstraint(
         ["upload_id", "part_number"], ["s3_part.upload_id", "s3_part.part_number"]

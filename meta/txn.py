@@ -31,7 +31,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import sqlalchemy as sa
@@ -39,7 +39,7 @@ from sqlalchemy.engine import Engine
 
 from appendfs.db import is_retryable, is_sqlite, is_unreachable
 from appendfs.meta import schema
-from appendfs.meta.errors import CommitOutcomeUnknown, FsError, MetaUnavailable
+from appendfs.meta.errors import CommitOutcomeUnknown, MetaError, MetaUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,8 +151,8 @@ class Runner:
                         with conn.begin():
                             result = fn(conn)
                             committing = True
-                    except (Retry, FsError):
-                        self._checkin(conn)  # rolled back cleanly: reusable
+                    except (Retry, MetaError):
+                        self._checkin(conn)  # raised on purpose, rolled back cleanly: reusable
                         raise
                     except BaseException:
                         conn.close()  # a driver error or worse: never reuse
@@ -209,6 +209,7 @@ class IdAllocator:
         self._lock = threading.Lock()
         self._next = 0
         self._end = 0
+        self._returned: list[int] = []
 
     def _take(self, conn: sa.Connection) -> int:
         c = schema.counter
@@ -222,9 +223,21 @@ class IdAllocator:
 
     def next(self) -> int:
         with self._lock:
+            if self._returned:
+                return self._returned.pop()
             if self._next >= self._end:
                 end = self._runner.run(self._take, f"allocate {self._name}")
                 self._next, self._end = end - self._batch, end
             value = self._next
             self._next += 1
             return value
+
+    def give_back(self, ids: Sequence[int]) -> None:
+        """Return ids taken by :meth:`next` that no committed transaction used.
+
+        For transactions that take ids before they know how many they need (an S3 PUT
+        creating the missing directories of its key). Never pass ids of a transaction whose
+        outcome is unknown (:class:`CommitOutcomeUnknown`): they may be in use.
+        """
+        with self._lock:
+            self._returned.extend(ids)

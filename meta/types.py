@@ -77,3 +77,80 @@ class ListResult:
     is_truncated: bool
     #: Pass as ``start_after`` to get the next page (the last key or prefix returned).
     next_start_after: bytes | None
+
+
+# --- S3 (see appendfs.meta.s3) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class S3Tenant:
+    """Who owns buckets and the POSIX identity their objects are created with."""
+
+    name: str
+    uid: int
+    gid: int
+    file_mode: int
+    dir_mode: int
+
+
+@dataclass(frozen=True, slots=True)
+class S3Key:
+    """An access key of a tenant (SigV4 credential)."""
+
+    access_key: str
+    secret_key: str
+    tenant: S3Tenant
+    created_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class S3Bucket:
+    """A bucket: the top-level directory ``ino``, owned by ``tenant`` (its name)."""
+
+    name: str
+    ino: int
+    tenant: str
+    created_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class S3Object:
+    """The S3 view of a regular file (or of a directory, for a key ending in ``/``)."""
+
+    key: bytes
+    attr: Attr
+    #: Hex MD5 (or md5-of-md5s-N), no quotes; None when unknown for ``attr.gen`` (the file
+    #: was written through the mount since): compute it and store it with s3_set_etag.
+    etag: str | None
+    #: Stored content headers (content-type …) and ``x-amz-meta-*``, lower-case names.
+    headers: dict[str, str]
+    is_dir: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PutConditions:
+    """If-Match / If-None-Match of a PUT: ``'*'`` or an ETag (quotes optional)."""
+
+    if_match: str | None = None
+    if_none_match: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class S3Upload:
+    """An in-progress multipart upload."""
+
+    upload_id: str
+    bucket: str
+    key: bytes
+    initiated_ns: int
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class S3Part:
+    """One uploaded part of a multipart upload."""
+
+    part_number: int
+    size: int
+    etag: str
+    created_ns: int

@@ -18,7 +18,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,7 +158,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._getattr(inode), count_lookup=False)
+        """An inode that no longer exists answers ESTALE (see :func:`_stale`)."""
+        async with _stale():
+            return self._entry(await self._getattr(inode), count_lookup=False)
 
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -311,7 +314,8 @@ class Operations(pyfuse3.Operations):
 
         libfuse 3 negotiates atomic O_TRUNC: the kernel sends no setattr before an
         ``open(O_TRUNC)`` of an existing file, the flag arrives here and truncating is ours."""
-        fh, keep = await self.fs.open(inode, flags)
+        async with _stale():
+            fh, keep = await self.fs.open(inode, flags)
         if flags & os.O_TRUNC:
             try:
                 a = await self.fs.setattr(inode, size=0, mtime_ns=time.time_ns())  # even if empty
@@ -410,3 +414,19 @@ class Operations(pyfuse3.Operations):
         out.f_favail = s["free_inodes"]
         out.f_namemax = 255
         return out
+
+
+@asynccontextmanager
+async def _stale() -> AsyncIterator[None]:
+    """ENOENT for an inode the kernel still caches under a name becomes ESTALE: the name now
+    points elsewhere (another client replaced the file — an S3 PUT does so atomically — or
+    removed it). On ESTALE the kernel walks the path again with LOOKUP_REVAL, which makes
+    FUSE look the name up afresh: open() and stat() then reach the new file, or fail with
+    ENOENT if the name is really gone. Without this, replaced files could not be opened by
+    name until the entry TTL expired."""
+    try:
+        yield
+    except FsError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FsError(errno.ESTALE, exc.detail) from None
+        raise
