@@ -130,6 +130,8 @@ class App:
             raise S3Error("InvalidAccessKeyId", "the access key id does not exist in our records")
         ctx = sigv4.verify(signed, auth, key.secret_key, time.time(), max_skew_s=self.gw.cfg.max_skew_s,
                            region=self.gw.cfg.region)
+        if ctx.payload_mode.aws_chunked:
+            self.gw.stats["aws_chunked_requests"] += 1
         req.body = Body(req, receive, ctx)
         return Principal(key.access_key, key.tenant)
 

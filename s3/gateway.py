@@ -59,7 +59,8 @@ class Gateway:
         self._etag_send, self._etag_recv = trio.open_memory_channel[tuple[int, int]](_ETAG_QUEUE)
         self._etag_pending: set[int] = set()
         self.stats = {"requests": 0, "errors_4xx": 0, "errors_5xx": 0, "bytes_in": 0, "bytes_out": 0,
-                      "etags_computed": 0, "uploads_expired": 0}
+                      "etags_computed": 0, "uploads_expired": 0,
+                      "aws_chunked_requests": 0}
 
     async def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return await self.fs.call(fn, *args, **kw)

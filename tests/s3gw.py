@@ -36,10 +36,11 @@ class Key:
 
 
 class S3Gateway:
-    def __init__(self, cluster: Cluster, name: str = "s3", env: dict[str, str] | None = None) -> None:
+    def __init__(self, cluster: Cluster, name: str = "s3", env: dict[str, str] | None = None,
+                 tls: bool = False) -> None:
         self.cluster = cluster
         self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.proc = Proc(name, [*APPENDFS, "s3", "--meta", cluster.meta_url, "--listen", f"127.0.0.1:{self.port}"],
                          cluster.root / f"{name}.log")
         self.env = {**cluster.env, **(env or {})}
@@ -121,13 +122,23 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
 
 
-def boto3_client(endpoint: str, key: Key, **cfg: Any) -> Any:
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 made with the openssl command (as an operator would)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def boto3_client(endpoint: str, key: Key, verify: str | None = None, **cfg: Any) -> Any:
     # SigV4 for presigned URLs too (boto3 still presigns with SigV2 for us-east-1 by default;
     # the gateway accepts SigV4 only and says so)
     config = Config(s3={"addressing_style": "path"}, signature_version="s3v4", retries={"max_attempts": 1, "mode": "standard"},
                     connect_timeout=10, read_timeout=120, **cfg)
     return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key.access_key,
-                        aws_secret_access_key=key.secret_key, region_name="us-east-1", config=config)
+                        aws_secret_access_key=key.secret_key, region_name="us-east-1", config=config,
+                        **({"verify": verify} if verify else {}))
 
 
 def raw(endpoint: str, method: str, url_path: str, headers: dict[str, str] | None = None,

@@ -66,8 +66,19 @@ def test_format_is_idempotent_and_a_schema_of_another_version_is_refused(meta_ur
     assert "we speak version 1" in line and "version 99" in line
 
 
-def test_up_refuses_capabilities_that_have_not_landed(tmp_path: Path) -> None:
-    assert "--s3 is not available yet" in one_line_error(run("up", "--data", str(tmp_path), "--s3", "127.0.0.1:9000"))
+def test_up_refuses_a_bad_s3_address(tmp_path: Path) -> None:
+    assert "is not HOST:PORT" in one_line_error(run("up", "--data", str(tmp_path), "--s3", "9000"))
+
+
+def test_s3_commands_refuse_bad_input(tmp_path: Path, sqlite_url: str) -> None:
+    assert "--meta" in one_line_error(run("s3", "--listen", "127.0.0.1:9000"))
+    run("format", sqlite_url, "--secret-file", str(tmp_path / "secret"))
+    line = one_line_error(run("s3", "keys", "create", "--meta", sqlite_url, "--file-mode", "0999"))
+    assert "octal" in line
+    line = one_line_error(run("s3", "keys", "create", "--meta", sqlite_url, "--tenant", "bad tenant!"))
+    assert "tenant" in line
+    line = one_line_error(run("s3", "--meta", sqlite_url, "--listen", "127.0.0.1:1", "--tls-cert-file", "x.pem"))
+    assert "tls_cert_file and tls_key_file go together" in line
 
 
 def test_up_runs_a_whole_cluster_and_stops_it(tmp_path: Path) -> None:

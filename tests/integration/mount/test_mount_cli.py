@@ -10,8 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cluster import APPENDFS, Cluster, running_up, wait_for, wait_gone
+from cluster import APPENDFS, Cluster, free_port, running_up, wait_for, wait_gone
 from mounts import Mount, fuse_available
+from s3gw import Key, boto3_client
 
 from appendfs.mount.helper import build_argv
 
@@ -100,14 +101,24 @@ def test_mount_helper_mounts_like_mount8_calls_it(make_cluster: object, sqlite_u
         _unmount_and_wait(mnt)
 
 
-def test_up_with_mount_serves_files_and_stops_cleanly(tmp_path: Path) -> None:
+def test_up_with_mount_and_s3_serves_files_and_stops_cleanly(tmp_path: Path) -> None:
     data, mnt = tmp_path / "up", tmp_path / "mnt"
-    with running_up("--data", str(data), "--mount", str(mnt)):
+    port = free_port()
+    with running_up("--data", str(data), "--mount", str(mnt), "--s3", f"127.0.0.1:{port}"):
         assert os.path.ismount(mnt)
         (mnt / "docs").mkdir()
         (mnt / "docs" / "hello").write_bytes(b"hi" * 100_000)
         assert (mnt / "docs" / "hello").read_bytes() == b"hi" * 100_000
         run_info = json.loads((data / "run.json").read_text())
         assert run_info["mount"] == str(mnt) and "mount" in run_info["pids"]
+        assert run_info["s3"] == f"127.0.0.1:{port}" and "s3" in run_info["pids"]
+        # the key pair `up` printed (and keeps in DIR/s3-credentials) works at once
+        creds = dict(line.split(" = ") for line in (data / "s3-credentials").read_text().splitlines() if " = " in line)
+        s3 = boto3_client(f"http://127.0.0.1:{port}", Key(creds["aws_access_key_id"], creds["aws_secret_access_key"],
+                                                           "default"))
+        s3.create_bucket(Bucket="arch")
+        s3.put_object(Bucket="arch", Key="via/s3", Body=b"object")
+        wait_for(lambda: (mnt / "arch" / "via" / "s3").exists(), "the object in the mount", 10, 0.2)
+        assert (mnt / "arch" / "via" / "s3").read_bytes() == b"object"
     assert not os.path.ismount(mnt)
     wait_gone(run_info["pids"].values(), "every child of `up` to exit")
