@@ -32,6 +32,7 @@ class S3Config:
     max_object_bytes: int = option(5 << 30, "largest single PUT or part (S3: 5 GiB)", positive)
     upload_expiry_s: float = option(7 * 86400.0, "incomplete multipart uploads older than this are aborted", positive)
     expiry_interval_s: float = option(3600.0, "how often this gateway looks for expired uploads", positive)
+    key_cache_s: float = option(10.0, "access keys are cached this long (a deleted key works that much longer)", positive)
     max_xml_bytes: int = option(2 << 20, "largest XML request body (Delete of 1,000 keys, Complete of 10,000 parts)", positive)
     keep_alive_s: float = option(60.0, "idle keep-alive connections are closed after this", positive)
     read_timeout_s: float = option(120.0, "a client that sends nothing for this long is disconnected", positive)

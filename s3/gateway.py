@@ -5,8 +5,8 @@ mount: the gateway runs on hosts without FUSE). It holds no state a second gatew
 would need — keys, buckets, objects and uploads all live in the namespace — so several
 gateways can serve the same volume side by side. What it keeps in memory is a cache:
 
-* access keys for ``key_cache_s`` (a deleted key keeps working that long on a gateway
-  that used it recently);
+* access keys for ``[s3] key_cache_s`` (a deleted key keeps working that long on a
+  gateway that used it recently; unknown keys are remembered for a second);
 * a queue of files whose MD5 ETag is unknown (written through the mount), computed in
   the background after a listing shows them so the next listing has the real value.
 
@@ -67,7 +67,7 @@ class Gateway:
 
     # ---- who is asking -----------------------------------------------------------------
 
-    async def access_key(self, access_key: str, key_cache_s: float = 10.0) -> S3Key | None:
+    async def access_key(self, access_key: str) -> S3Key | None:
         now = time.monotonic()
         hit = self._keys.get(access_key)
         if hit is not None and hit[0] > now:
@@ -75,7 +75,7 @@ class Gateway:
         key = await self.call(self.meta.s3_key, access_key)
         if len(self._keys) > 10_000:
             self._keys.clear()
-        self._keys[access_key] = (now + (key_cache_s if key is not None else 1.0), key)
+        self._keys[access_key] = (now + (self.cfg.key_cache_s if key is not None else 1.0), key)
         return key
 
     # ---- buckets and keys ----------------------------------------------------------------

@@ -43,7 +43,7 @@ class S3Gateway:
         self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.proc = Proc(name, [*APPENDFS, "s3", "--meta", cluster.meta_url, "--listen", f"127.0.0.1:{self.port}"],
                          cluster.root / f"{name}.log")
-        self.env = {**cluster.env, **(env or {})}
+        self.env = {**cluster.env, "APPENDFS_S3_KEY_CACHE_S": "1", **(env or {})}
 
     def start(self, timeout_s: float = 60) -> S3Gateway:
         with open(self.proc.log, "ab") as f:

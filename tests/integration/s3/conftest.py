@@ -1,4 +1,5 @@
-"""One cluster, one mount and one S3 gateway per test module and engine.
+"""One cluster, one mount and one S3 gateway per engine for all S3 test modules (their
+setup is most of the cost; pytest runs the tests of one engine, then the other's).
 
 Tests must not depend on each other: each makes its own bucket (``bucket`` fixture).
 """
@@ -17,7 +18,7 @@ from s3gw import S3Env, S3Gateway
 _names = itertools.count()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def s3env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Env]:
     root = tmp_path_factory.mktemp(f"s3-{request.param}")
     admin = request.getfixturevalue("pg_admin_url") if request.param == "postgresql" else None
