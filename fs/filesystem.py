@@ -716,7 +716,7 @@ class FileSystem:
         if part and self._part_streams is None:
             self._part_streams = StreamPool(self.client, self.cfg.streams_per_policy, PART_OWNER)
         pool = self._part_streams if part and self._part_streams is not None else self.streams
-        w = ObjectWriter(pool, self.budget, redundancy, self.cfg.chunk_bytes, next(self._object_seq))
+        w = ObjectWriter(pool, self.budget, redundancy, self.cfg.chunk_bytes, next(self._object_seq), self._nursery)
         try:
             yield w
         finally:

@@ -65,6 +65,7 @@ class ObjectWriter:
     redundancy: str
     chunk_bytes: int
     stream_key: int
+    nursery: trio.Nursery
     size: int = 0
     _buf: bytearray = field(default_factory=bytearray)
     _sent: deque[_Piece] = field(default_factory=deque)
@@ -76,6 +77,10 @@ class ObjectWriter:
         while len(view):
             room = self.chunk_bytes - len(self._buf)
             take = view[:room]
+            if self._buf and self.budget.used + len(take) > self.budget.total:
+                # Never wait for budget while sitting on a partial buffer: with many uploads
+                # at once, partial buffers alone could hold all of it and nobody would send.
+                await self._send()
             await self.budget.take(len(take))
             self._held += len(take)
             self._buf += take
@@ -92,6 +97,19 @@ class ObjectWriter:
         self.size += len(p.data)
         await self._append(p)
         self._sent.append(p)
+        # The budget comes back when the store acknowledges, not when this writer next looks:
+        # a writer blocked on the budget must not hold acknowledged bytes.
+        self.nursery.start_soon(self._give_on_ack, p)
+
+    async def _give_on_ack(self, p: _Piece) -> None:
+        assert p.ticket is not None
+        await p.ticket.done.wait()
+        self._give(len(p.data))
+
+    def _give(self, n: int) -> None:
+        n = min(n, self._held)  # after abandon() everything was given back already
+        self._held -= n
+        self.budget.give(n)
 
     async def _append(self, p: _Piece) -> None:
         stream = await self.streams.stream_for(self.redundancy, self.stream_key)
@@ -110,8 +128,6 @@ class ObjectWriter:
                 self._slices.append(NewSlice(off, length, extent_id, ext_off))
                 off += length
             self._sent.popleft()
-            self.budget.give(len(p.data))
-            self._held -= len(p.data)
 
     async def _acked(self, p: _Piece) -> list[tuple[int, int, int]]:
         for attempt in itertools.count():

@@ -59,3 +59,23 @@ def test_abandoned_uploads_expire(s3env: S3Env, bucket: str) -> None:
         assert e.value.response["Error"]["Code"] == "NoSuchUpload"
     finally:
         gw.stop()
+
+
+def test_many_uploads_share_a_small_write_budget(s3env: S3Env, bucket: str) -> None:
+    """10 concurrent 4 MiB PUTs through a gateway whose write budget is 8 MiB: partial
+    buffers alone could exhaust it, so a writer that must wait sends its partial buffer
+    first (no deadlock), and every object arrives whole."""
+    import concurrent.futures
+
+    gw = S3Gateway(s3env.cluster, "s3-budget", env={"APPENDFS_FS_WRITE_BUFFER_BYTES": str(8 << 20),
+                                                     "APPENDFS_FS_CHUNK_BYTES": str(4 << 20)}).start()
+    try:
+        s3 = gw.client(s3env.key, max_pool_connections=16)
+        bodies = {f"budget/{i}": os.urandom(4 << 20) for i in range(10)}
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            for f in [pool.submit(s3.put_object, Bucket=bucket, Key=k, Body=v) for k, v in bodies.items()]:
+                f.result(timeout=300)
+        for k, v in bodies.items():
+            assert s3env.s3.get_object(Bucket=bucket, Key=k)["Body"].read() == v
+    finally:
+        gw.stop()
