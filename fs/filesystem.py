@@ -704,6 +704,10 @@ class FileSystem:
         """Run a :class:`~appendfs.meta.Meta` call in a thread of this client's database lane."""
         return await self._meta(fn, *args, **kw)
 
+    async def read_call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """A short namespace *read*: inline on SQLite, in a thread otherwise (see ``_read``)."""
+        return await self._read(fn, *args, **kw)
+
     async def policy_of(self, dir_ino: int) -> str:
         """The redundancy new files in directory ``dir_ino`` get (its xattr or the default)."""
         _, policy = await self.parent_info(dir_ino)

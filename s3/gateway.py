@@ -65,6 +65,10 @@ class Gateway:
     async def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return await self.fs.call(fn, *args, **kw)
 
+    async def read(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """A short namespace read (one row or a few): inline on SQLite."""
+        return await self.fs.read_call(fn, *args, **kw)
+
     # ---- who is asking -----------------------------------------------------------------
 
     async def access_key(self, access_key: str) -> S3Key | None:
@@ -72,7 +76,7 @@ class Gateway:
         hit = self._keys.get(access_key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        key = await self.call(self.meta.s3_key, access_key)
+        key = await self.read(self.meta.s3_key, access_key)
         if len(self._keys) > 10_000:
             self._keys.clear()
         self._keys[access_key] = (now + (self.cfg.key_cache_s if key is not None else 1.0), key)
@@ -81,7 +85,7 @@ class Gateway:
     # ---- buckets and keys ----------------------------------------------------------------
 
     async def bucket_named(self, name: str, who: Principal) -> S3Bucket:
-        b: S3Bucket | None = await self.call(self.meta.s3_bucket, name)
+        b: S3Bucket | None = await self.read(self.meta.s3_bucket, name)
         if b is None:
             raise S3Error("NoSuchBucket", f"the bucket {name!r} does not exist", resource=f"/{name}")
         if b.tenant != who.tenant.name:
@@ -138,7 +142,7 @@ class Gateway:
     async def segments(self, obj: S3Object, start: int, end: int) -> list[Segment]:
         """The slice map of ``[start, end)`` of the object as it was when resolved: if the
         key was replaced meanwhile, the snapshot of the old inode is read (it stays readable)."""
-        attr, items = await self.call(self.meta.slices, obj.attr.ino)
+        attr, items = await self.read(self.meta.slices, obj.attr.ino)
         if attr.gen != obj.attr.gen:
             raise S3Error("SlowDown",
                           "the object changed while it was being read; retry")
@@ -171,7 +175,7 @@ class Gateway:
         """ETags for a listing page. Unknown ones (files written through the mount) are shown
         as an opaque tag that is not an MD5 (``<ino>-<gen>``-style, with a dash like a
         multipart ETag, so clients do not take it for one) and queued for computation."""
-        known: dict[int, str] = await self.call(self.meta.s3_etags, [o.ino for o in objects])
+        known: dict[int, str] = await self.read(self.meta.s3_etags, [o.ino for o in objects])
         out = {}
         for o in objects:
             e = known.get(o.ino)

@@ -67,7 +67,7 @@ async def put_object(gw: Gateway, req: Request, who: Principal) -> Response:
 
 async def _object(gw: Gateway, req: Request, who: Principal) -> tuple[S3Bucket, bytes, S3Object]:
     bucket, key = await gw.bucket_and_key(req, who)
-    obj = await gw.call(gw.meta.s3_get_object, bucket.ino, key)
+    obj = await gw.read(gw.meta.s3_get_object, bucket.ino, key)
     return bucket, key, obj
 
 
