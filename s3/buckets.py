@@ -36,6 +36,7 @@ async def create_bucket(gw: Gateway, req: Request, who: Principal) -> Response:
         raise S3Error("InvalidLocationConstraint",
                       f"this endpoint serves region {gw.cfg.region}, not {where}")
     await gw.call(gw.meta.s3_bucket_create, req.bucket, who.tenant.name)
+    gw.forget_bucket(req.bucket)
     return Response(200, [("location", f"/{req.bucket}")])
 
 
@@ -47,6 +48,7 @@ async def head_bucket(gw: Gateway, req: Request, who: Principal) -> Response:
 async def delete_bucket(gw: Gateway, req: Request, who: Principal) -> Response:
     b = await gw.bucket(req, who)  # another tenant's bucket: AccessDenied, not NoSuchBucket
     await gw.call(gw.meta.s3_bucket_delete, b.name, who.tenant.name)
+    gw.forget_bucket(b.name)
     return Response(204)
 
 

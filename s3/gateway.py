@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ETAG_QUEUE = 10_000
+BUCKET_CACHE_S = 2.0  # how long a bucket lookup is reused
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class Gateway:
         self.inherit = (POLICY_XATTR,)
         self._nursery = nursery
         self._keys: dict[str, tuple[float, S3Key | None]] = {}
+        self._buckets: dict[str, tuple[float, S3Bucket | None]] = {}
         self._etag_send, self._etag_recv = trio.open_memory_channel[tuple[int, int]](_ETAG_QUEUE)
         self._etag_pending: set[int] = set()
         self.stats = {"requests": 0, "errors_4xx": 0, "errors_5xx": 0, "bytes_in": 0, "bytes_out": 0,
@@ -85,7 +87,17 @@ class Gateway:
     # ---- buckets and keys ----------------------------------------------------------------
 
     async def bucket_named(self, name: str, who: Principal) -> S3Bucket:
-        b: S3Bucket | None = await self.read(self.meta.s3_bucket, name)
+        now = time.monotonic()
+        hit = self._buckets.get(name)
+        if hit is not None and hit[0] > now:
+            b = hit[1]
+        else:
+            # Cached briefly: a bucket deleted meanwhile fails in the namespace transaction
+            # (its directory is gone), and a name re-created by anyone has a new inode.
+            b = await self.read(self.meta.s3_bucket, name)
+            if len(self._buckets) > 10_000:
+                self._buckets.clear()
+            self._buckets[name] = (now + BUCKET_CACHE_S, b)
         if b is None:
             raise S3Error("NoSuchBucket", f"the bucket {name!r} does not exist", resource=f"/{name}")
         if b.tenant != who.tenant.name:
@@ -147,6 +159,9 @@ class Gateway:
             raise S3Error("SlowDown",
                           "the object changed while it was being read; retry")
         return resolve(items, start, end - start)
+
+    def forget_bucket(self, name: str) -> None:
+        self._buckets.pop(name, None)
 
     def stream(self, segments: list[Segment], start: int, end: int) -> AsyncIterator[bytes]:
         return self._stream(segments, start, end)

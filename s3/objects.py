@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from appendfs.meta import PutConditions, S3Bucket, S3Object
 from appendfs.meta.errors import S3Error as MetaS3Error
-from appendfs.meta.slices import NewSlice, Segment
+from appendfs.meta.slices import NewSlice, Segment, Slice, resolve
 from appendfs.s3 import xml
 from appendfs.s3.errors import S3Error
 from appendfs.s3.http import (
@@ -113,7 +113,12 @@ async def get_object(gw: Gateway, req: Request, who: Principal) -> Response:
 
 
 async def _get_object(gw: Gateway, req: Request, who: Principal) -> Response:
-    _, _, obj = await _object(gw, req, who)
+    items: list[Slice] | None = None
+    if req.method == "HEAD":
+        _, _, obj = await _object(gw, req, who)
+    else:  # the object and its slice map in one namespace read
+        bucket, key = await gw.bucket_and_key(req, who)
+        obj, items = await gw.read(gw.meta.s3_read_object, bucket.ino, key)
     etag = obj.etag or await gw.compute_etag(obj)
     check_read_conditions(req.h, etag, obj.attr.mtime_ns)
     headers = _object_headers(obj, etag)
@@ -132,7 +137,7 @@ async def _get_object(gw: Gateway, req: Request, who: Principal) -> Response:
             headers = [(k, v) for k, v in headers if k != name[9:]] + [(name[9:], req.query[name])]
     if req.method == "HEAD" or end == start:
         return Response(status, headers)
-    segments = await gw.segments(obj, start, end)
+    segments = resolve(items, start, end - start) if items is not None else await gw.segments(obj, start, end)
     return Response(status, headers, gw.stream(segments, start, end))
 
 
