@@ -17,6 +17,7 @@ import trio
 import xxhash
 
 from appendfs.store.client import ClientConfig, Locator, Piece, StoreClient
+from appendfs.store.ec import EcError, choose_backend
 from appendfs.store.errors import BadLocator
 
 
@@ -103,7 +104,13 @@ async def get_to(meta_url: str, cfg: ClientConfig, loc: Locator, out: BinaryIO) 
 
 async def fetch_status(meta_url: str) -> dict[str, Any]:
     async with StoreClient.connect(meta_url, ClientConfig(leader_wait_s=10.0)) as client:
-        return await client.meta.call("status", {}, wait_s=10.0)
+        status = await client.meta.call("status", {}, wait_s=10.0)
+    try:
+        choice = choose_backend(4, 2)
+        status["ec_backend_here"] = f"{choice.name} — {choice.reason}"
+    except EcError as exc:
+        status["ec_backend_here"] = f"none ({exc})"
+    return status
 
 
 def _size(n: int | None) -> str:
@@ -132,6 +139,11 @@ def render_status(st: dict[str, Any]) -> str:
                   f"under-replicated {e['under_replicated']}, lost {e['lost']}"]
     if st["under_replicated_extents"]:
         lines.append("under-replicated extents: " + " ".join(map(str, st["under_replicated_extents"][:50])))
+    for u in st.get("erasure_coding", []):
+        lines.append(f"erasure coding: {u['redundancy']} with backend {u['backend']}, "
+                     f"{_size(u['cell_bytes'])} cells, {u['extents']} extents")
+    if st.get("ec_backend_here"):
+        lines.append(f"EC backend for new streams here: {st['ec_backend_here']}")
     return "\n".join(lines)
 
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from appendfs.config import non_negative, option, positive
+from appendfs.store.ec import Layout, LayoutError
 from appendfs.store.placement import PolicyError, parse_policy
 
 
 def _policy(value: str) -> str | None:
     try:
         p = parse_policy(value)
-    except PolicyError as exc:
+        if p.kind == "ec":
+            Layout(p.data, p.parity)
+    except (PolicyError, LayoutError) as exc:
         return str(exc)
-    return None if p.kind == "rep" else "only rep:N is supported until erasure coding lands"
+    return None
 
 
 def _chunk(value: int) -> str | None:

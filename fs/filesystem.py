@@ -44,6 +44,7 @@ from appendfs.fs.streams import StreamPool
 from appendfs.meta import Attr, DirEntry, FsError, Meta, MetaConfig, SessionExpired, resolve
 from appendfs.meta.slices import Segment
 from appendfs.store.client import ClientConfig, StoreClient
+from appendfs.store.ec import Layout, LayoutError
 from appendfs.store.errors import NoSpace, StoreError
 from appendfs.store.placement import PolicyError, parse_policy
 
@@ -745,8 +746,9 @@ class FileSystem:
         except Exception as exc:
             log.warning("statfs: capacity unknown (%s)", exc)
             cap = {"capacity_bytes": ns.used_bytes, "used_bytes": ns.used_bytes, "free_bytes": 0}
-        copies = max(1, parse_policy(self.cfg.redundancy).width)
-        out = {"total_bytes": cap["capacity_bytes"] // copies, "free_bytes": cap["free_bytes"] // copies,
+        policy = parse_policy(self.cfg.redundancy)
+        raw, usable = (policy.width, policy.data) if policy.kind == "ec" else (max(1, policy.width), 1)
+        out = {"total_bytes": cap["capacity_bytes"] * usable // raw, "free_bytes": cap["free_bytes"] * usable // raw,
                "used_inodes": ns.used_inodes, "free_inodes": 1 << 40}
         self._statfs = (now, out)
         return out
@@ -805,9 +807,9 @@ def check_policy(value: bytes) -> bytes:
     try:
         text = value.decode().strip()
         p = parse_policy(text)
-    except (UnicodeDecodeError, PolicyError) as exc:
+        if p.kind == "ec":
+            Layout(p.data, p.parity)  # K+M within what the erasure code supports
+    except (UnicodeDecodeError, PolicyError, LayoutError) as exc:
         raise FsError(errno.EINVAL, f"bad redundancy policy {value[:40]!r}: {exc}") from None
-    if p.kind != "rep":
-        raise FsError(errno.EOPNOTSUPP, f"{text}: erasure coding is not available yet (rep:N only)")
-    return text.encode()
+    return str(p).encode()
 

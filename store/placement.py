@@ -1,7 +1,7 @@
 """Redundancy policies and replica placement — pure code, no I/O (randomness is passed in).
 
-A policy string is ``rep:N`` (N full replicas) — ``ec:K+M`` is parsed here too so the
-rest of the store can carry it, though EC streams are a later capability. Placement
+A policy string is ``rep:N`` (N full replicas) or ``ec:K+M`` (K data + M parity fragments,
+one per device; store/ec.py holds the layout). Placement
 picks devices by weighted random choice (weight = free bytes) among healthy devices, at
 most one per failure domain, so replicas never share a node (or rack, when configured).
 """
@@ -34,7 +34,7 @@ class Policy:
     def write_min(self, configured: int | None = None) -> int:
         """Fewest devices an extent may be placed on (DESIGN §7 degraded writes)."""
         if self.kind == "ec":
-            return self.width  # a missing fragment cannot be written later without repair
+            return self.width  # a missing fragment cannot be written later without repair (not built yet)
         if configured is not None:
             return max(1, min(configured, self.data))
         return max(1, self.data - 1)

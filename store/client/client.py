@@ -6,7 +6,9 @@ its streams, caches extent maps, and offers
 
 * ``create_stream(owner, redundancy)`` → :class:`LogStream` (append / flush / close), and
 * ``read(extent_id, offset, length)`` → verified bytes, trying every replica before
-  failing and reporting any replica whose bytes do not match their checksums.
+  failing and reporting any replica whose bytes do not match their checksums. An
+  ``ec:K+M`` extent is read from its data fragments' cells, or its stripes are decoded
+  from any K fragments when one fails (``_read_ec``).
 
 Use it as ``async with StoreClient.connect(meta_url) as client:`` — every task it starts
 (stream writers, lease renewal, channel readers) lives in its nursery.
@@ -25,6 +27,7 @@ import trio
 from sqlalchemy.engine import Engine
 
 from appendfs.db import make_engine
+from appendfs.store import ec
 from appendfs.store.client.config import ClientConfig
 from appendfs.store.client.metalink import MetaLink
 from appendfs.store.client.stream import LogStream
@@ -79,14 +82,23 @@ class StoreClient:
 
     async def create_stream(self, owner: str, redundancy: str = "rep:3") -> LogStream:
         try:
-            parse_policy(redundancy)
+            policy = parse_policy(redundancy)
         except PolicyError as exc:
             raise StoreError(str(exc)) from None
+        args: dict[str, Any] = {"owner": owner, "redundancy": redundancy, "holder": self.holder}
+        codec = None
+        if policy.kind == "ec":  # we encode, so we choose the backend; the MetaNode records it
+            try:
+                backend = ec.choose_backend(policy.data, policy.parity).name
+                codec = ec.Codec(ec.Layout(policy.data, policy.parity, self.cfg.ec_cell_bytes), backend)
+            except ec.EcError as exc:
+                raise StoreError(f"cannot write {redundancy}: {exc}") from None
+            args.update(ec_backend=backend, ec_cell_bytes=self.cfg.ec_cell_bytes)
         try:
-            res = await self.meta.call("open_stream", {"owner": owner, "redundancy": redundancy, "holder": self.holder})
+            res = await self.meta.call("open_stream", args)
         except RpcError as exc:
             raise StoreError(f"cannot open a stream: {exc.message}") from None
-        s = LogStream(self, int(res["stream_id"]), redundancy, owner, int(res["extent_max_bytes"]))
+        s = LogStream(self, int(res["stream_id"]), redundancy, owner, int(res["extent_max_bytes"]), codec)
         self._streams[s.stream_id] = s
         self._nursery.start_soon(s.run)
         if not self._renewing:
@@ -146,6 +158,8 @@ class StoreClient:
         """``length`` verified bytes at ``offset`` of the logical extent."""
         if length == 0:
             return b""
+        if "layout" in await self.extent_map(extent_id):
+            return await self._read_ec(extent_id, offset, length)
         errors: list[str] = []
         for refresh in (False, True):
             m = await self.extent_map(extent_id, refresh=refresh)
@@ -170,6 +184,89 @@ class StoreClient:
                 self.stats["read_fallbacks"] += 1
         raise Unreadable(f"no replica of extent {extent_id} returned verified bytes for "
                          f"[{offset}, {offset + length}): {'; '.join(errors)}")
+
+    async def _read_ec(self, extent_id: int, offset: int, length: int) -> bytes:
+        """Logical bytes of an EC extent: the data fragments' cells when they all answer,
+        else the touched stripes decoded from any K fragments; never unverified bytes."""
+        errors: list[str] = []
+        for refresh in (False, True):
+            m = await self.extent_map(extent_id, refresh=refresh)
+            codec = _codec_of(m)
+            frags = {int(r["idx"]): r for r in m["replicas"] if r["state"] != "missing"}
+            spans = codec.layout.read_spans(offset, length)
+            fetched = await self._read_fragments(extent_id, m, frags, spans, errors)
+            if len(fetched) == len(spans):
+                return codec.layout.assemble(offset, length, fetched)
+            self.stats["read_fallbacks"] += 1
+            try:
+                return await self._decode_ec(extent_id, m, codec, frags, set(spans) - set(fetched), offset, length,
+                                             errors)
+            except ec.EcError as exc:  # fewer than K intact fragments, or records that make no sense
+                errors.append(str(exc))
+        raise Unreadable(f"extent {extent_id} (erasure-coded {m['redundancy']}): fewer than "
+                         f"{codec.layout.k} fragments returned verified bytes for [{offset}, {offset + length}): "
+                         f"{'; '.join(dict.fromkeys(errors))}")  # both passes usually fail alike
+
+    async def _read_fragments(self, extent_id: int, m: dict[str, Any], frags: dict[int, dict[str, Any]],
+                              spans: dict[int, tuple[int, int]], errors: list[str]) -> dict[int, tuple[int, bytes]]:
+        """Read [start, end) of each fragment in ``spans`` in parallel; {index: (start, bytes)}
+        of those that returned verified bytes (failures are noted in ``errors`` and reported)."""
+        out: dict[int, tuple[int, bytes]] = {}
+
+        async def one(idx: int, start: int, end: int) -> None:
+            rep = frags.get(idx)
+            if rep is None:
+                errors.append(f"fragment {idx}: missing")
+                return
+            try:
+                out[idx] = (start, await self._read_replica(extent_id, int(m["epoch"]), rep, start, end - start))
+            except RpcError as exc:
+                errors.append(f"fragment {idx} on {rep['node_id']}: {exc}")
+            except BlockError as exc:
+                errors.append(f"fragment {idx} on {rep['node_id']}: corrupt ({exc})")
+                await self._bad_fragment(extent_id, rep, str(exc))
+            except (ConnectionLost, trio.TooSlowError) as exc:
+                errors.append(f"fragment {idx} on {rep['node_id']}: {str(exc) or 'timeout'}")
+        async with trio.open_nursery() as nursery:
+            for idx, (start, end) in spans.items():
+                nursery.start_soon(one, idx, start, end)
+        return out
+
+    async def _decode_ec(self, extent_id: int, m: dict[str, Any], codec: ec.Codec, frags: dict[int, dict[str, Any]],
+                         failed: set[int], offset: int, length: int, errors: list[str]) -> bytes:
+        """Degraded read: whole records of the touched stripes from K fragments (more if some
+        fail), decoded and checked cell by cell (``Codec.decode``)."""
+        layout = codec.layout
+        first = layout.stripe_of(offset)
+        start, size = layout.record_span(first, layout.stripe_of(offset + length - 1) - first + 1)
+        order = sorted((i for i in frags if i not in failed),
+                       key=lambda i: (frags[i]["state"] != "ok", i >= layout.k, i))
+        records: dict[int, bytes] = {}
+        while order:
+            n = max(1, layout.k - len(records))
+            batch, order = order[:n], order[n:]
+            got = await self._read_fragments(extent_id, m, frags, {i: (start, start + size) for i in batch}, errors)
+            records.update({i: data for i, (_, data) in got.items()})
+            if len(records) < layout.k and order:
+                continue
+            try:
+                decoded = codec.decode(records, extent_id=extent_id, first_stripe=first, ext_off=offset, length=length)
+            except ec.NotEnoughFragments as exc:
+                for i, why in exc.bad.items():
+                    if records.pop(i, None) is not None:
+                        await self._bad_fragment(extent_id, frags[i], why)
+                if not order:
+                    raise
+                continue
+            for i, why in decoded.bad.items():
+                await self._bad_fragment(extent_id, frags[i], why)
+            return decoded.data
+        raise ec.NotEnoughFragments(first, len(records), layout.k, {})
+
+    async def _bad_fragment(self, extent_id: int, rep: dict[str, Any], reason: str) -> None:
+        self.stats["bad_replicas"] += 1
+        log.error("extent %d fragment %d on node %s: %s — reporting it", extent_id, rep["idx"], rep["node_id"], reason)
+        await self._report_bad(extent_id, rep["node_id"], reason)
 
     async def _read_replica(self, extent_id: int, epoch: int, rep: dict[str, Any], offset: int, length: int) -> bytes:
         ch = await self.pool.get(rep["address"], lane="r")
@@ -222,3 +319,12 @@ class StoreClient:
                 data = results.pop(i)
                 limit.release()
                 yield data
+
+
+def _codec_of(m: dict[str, Any]) -> ec.Codec:
+    """The codec an EC extent was written with (its recorded backend, never our preference)."""
+    lay = m["layout"]
+    try:
+        return ec.Codec(ec.Layout(int(lay["k"]), int(lay["m"]), int(lay["cell_bytes"])), str(lay["backend"]))
+    except ec.EcError as exc:
+        raise Unreadable(f"extent {m['extent_id']}: cannot decode here: {exc}") from None

@@ -12,6 +12,11 @@ def _frame_sized(value: int) -> str | None:
     return None if 4096 <= value <= 8 << 20 else "must be between 4096 and 8388608 bytes"
 
 
+def _cell_sized(value: int) -> str | None:
+    """An EC cell is a whole number of checksum blocks, and K of them must fit a frame."""
+    return None if value % 4096 == 0 and 4096 <= value <= 4 << 20 else "must be a multiple of 4096 from 4096 to 4194304"
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     append_bytes: int = option(1 << 20, "largest single append sent to DataNodes (bytes)", _frame_sized)
@@ -24,3 +29,5 @@ class ClientConfig:
     leader_wait_s: float = option(60.0, "how long calls wait for a MetaNode leader before failing", positive)
     placement_wait_s: float = option(30.0, "how long an append waits for enough healthy DataNodes before failing", positive)
     max_resends: int = option(8, "extent switches for one append before it fails", positive)
+    ec_cell_bytes: int = option(64 << 10, "cell size of new ec:K+M streams (bytes; fixed per stream, "
+                                          "see docs/erasure-coding.md §2)", _cell_sized)

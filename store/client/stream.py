@@ -11,6 +11,13 @@ When a replica fails (error, lost connection, timeout) the extent is sealed at i
 acknowledged length, a new extent is placed on healthy nodes (avoiding the failed one),
 and every unacknowledged append is sent again there — the application's write does not
 fail (DESIGN §2). A full extent is sealed and the next one allocated the same way.
+
+An ``ec:K+M`` stream (docs/erasure-coding.md) differs only where an append is placed and
+what each lane sends: the append starts at a stripe boundary of the logical extent and is
+encoded (``ec.Codec.encode``) when placed, a short last stripe zero-padded to the next
+boundary; the lane of fragment *i* sends fragment *i*'s records at their fragment offset.
+Acknowledgement, tickets (LOGICAL extent offsets), sealing at the acknowledged logical
+length and resending on a new extent (re-encoded there) are the replicated path's.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from appendfs.store import ec
 from appendfs.store.client.locator import Piece
 from appendfs.store.codec import checksum
 from appendfs.store.errors import LeaseLost, NoSpace, StoreError, Unavailable
@@ -73,9 +81,18 @@ class _Op:
     digest: int
     resends: int = 0
     # set while in flight on an extent:
-    offset: int = 0
+    offset: int = 0  # logical extent offset (a stripe boundary for EC)
     acks: int = 0
     failed: bool = False
+    frags: list[bytes] | None = None  # EC only: the records of each fragment index for this op
+    frag_digests: list[int] = field(default_factory=list)
+    frag_off: int = 0  # EC only: where those records go in every fragment file
+
+    def payload(self, idx: int) -> tuple[int, bytes, int]:
+        """(offset, bytes, xxh3) the replica / fragment with index ``idx`` stores for this op."""
+        if self.frags is None:
+            return self.offset, self.data, self.digest
+        return self.frag_off, self.frags[idx], self.frag_digests[idx]
 
 
 @dataclass
@@ -99,11 +116,15 @@ class _Extent:
 class LogStream:
     """One append-only stream held by this client (exactly one writer per stream)."""
 
-    def __init__(self, client: StoreClient, stream_id: int, redundancy: str, owner: str, extent_max_bytes: int) -> None:
+    def __init__(self, client: StoreClient, stream_id: int, redundancy: str, owner: str, extent_max_bytes: int,
+                 codec: ec.Codec | None = None) -> None:
         self.client = client
         self.stream_id = stream_id
         self.redundancy = redundancy
         self.owner = owner
+        self._codec = codec  # None for rep:N
+        if codec is not None:  # an EC extent holds whole stripes
+            extent_max_bytes = codec.layout.stripes_per_extent(extent_max_bytes) * codec.layout.stripe_bytes
         self.extent_max_bytes = extent_max_bytes
         cfg = client.cfg
         self._append_bytes = min(cfg.append_bytes, extent_max_bytes)
@@ -182,7 +203,7 @@ class LogStream:
                         pending.append(await self._recv.receive())
                     except trio.EndOfChannel:
                         break
-                if self._extent is None or self._extent.length + len(pending[0].data) > self.extent_max_bytes:
+                if self._extent is None or self._extent.length + self._span(pending[0]) > self.extent_max_bytes:
                     if self._extent is not None:
                         await self._seal(self._extent)
                     self._extent = await self._allocate()
@@ -275,11 +296,13 @@ class LogStream:
                     if nxt is None:
                         break
                     op = nxt
-                if ext.length + len(op.data) > self.extent_max_bytes:
+                if ext.length + self._span(op) > self.extent_max_bytes:
                     pending.appendleft(op)
                     break
                 op.offset, op.acks, op.failed = ext.length, 0, False
-                ext.length += len(op.data)
+                ext.length += self._span(op)
+                if self._codec is not None:
+                    self._encode(ext, op)
                 ext.inflight.append(op)
                 for send_q, _ in queues:
                     send_q.send_nowait(op)
@@ -287,6 +310,22 @@ class LogStream:
                 send_q.send_nowait(None)  # drain: lanes finish their in-flight appends, then stop
             await self._drained(ext)
             nursery.cancel_scope.cancel()
+
+    def _span(self, op: _Op) -> int:
+        """Logical bytes ``op`` takes in an extent: its length, or whole stripes for EC (pad included)."""
+        if self._codec is None:
+            return len(op.data)
+        return self._codec.layout.next_boundary(len(op.data))
+
+    def _encode(self, ext: _Extent, op: _Op) -> None:
+        """Fragment records of ``op`` at its place in ``ext`` (headers name extent and stripe,
+        so a resend on another extent encodes again)."""
+        assert self._codec is not None
+        layout = self._codec.layout
+        first = layout.stripe_of(op.offset)
+        op.frags = self._codec.encode(op.data, extent_id=ext.extent_id, first_stripe=first)
+        op.frag_digests = [checksum(f) for f in op.frags]
+        op.frag_off = layout.record_span(first, 0)[0]
 
     async def _next_op(self, ext: _Extent) -> _Op | None:
         """Next queued append, or None when the stream closes or the extent fails first."""
@@ -321,6 +360,7 @@ class LogStream:
                             queue: trio.MemoryReceiveChannel[_Op | None]) -> None:
         """Send this replica its appends in order; collect its answers in order."""
         timeout = self.client.cfg.append_timeout_s
+        idx = int(rep["idx"])
         answers_send, answers_recv = trio.open_memory_channel[tuple[_Op, Any] | None](1 << 16)
 
         async def collect() -> None:
@@ -333,7 +373,8 @@ class LogStream:
                 except (RpcError, ConnectionLost, trio.TooSlowError) as exc:
                     self._fail_extent(ext, f"replica on {rep['node_id']}: {exc or 'timeout'}", rep["node_id"])
                     return
-                if int(result.get("length", -1)) != op.offset + len(op.data):
+                at, payload, _ = op.payload(idx)
+                if int(result.get("length", -1)) != at + len(payload):
                     self._fail_extent(ext, f"replica on {rep['node_id']} acknowledged a wrong length", rep["node_id"])
                     return
                 op.acks += 1
@@ -345,9 +386,10 @@ class LogStream:
             async for op in queue:
                 if op is None:
                     break
+                at, payload, digest = op.payload(idx)
                 try:
-                    pending = await ch.send("append", {"extent_id": ext.extent_id, "offset": op.offset,
-                                                       "xxh3": op.digest}, op.data)
+                    pending = await ch.send("append", {"extent_id": ext.extent_id, "offset": at, "xxh3": digest},
+                                            payload)
                 except ConnectionLost as exc:
                     self._fail_extent(ext, f"replica on {rep['node_id']}: {exc}", rep["node_id"])
                     break

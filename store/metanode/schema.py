@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from appendfs.errors import NotFormatted, VersionMismatch
 
 #: Bump when a table or column changes meaning; `format` writes it, daemons check it.
-CLUSTER_SCHEMA_VERSION = 1
+CLUSTER_SCHEMA_VERSION = 2  # 2: stream/extent ec_backend, ec_cell_bytes
 
 md = sa.MetaData()
 
@@ -71,7 +71,11 @@ stream = sa.Table(
     "stream", md,
     sa.Column("stream_id", sa.BigInteger, primary_key=True, comment="allocated by the leader from store_counter"),
     sa.Column("owner", sa.String(16), nullable=False, comment="'fs', 's3-part' or 'raw': which index decides liveness (DESIGN §8)"),
-    sa.Column("redundancy", sa.String(32), nullable=False, comment="'rep:N' (or 'ec:K+M' later) for every extent of the stream"),
+    sa.Column("redundancy", sa.String(32), nullable=False, comment="'rep:N' or 'ec:K+M' for every extent of the stream"),
+    sa.Column("ec_backend", sa.String(32), nullable=True,
+              comment="ec only: pyeclib backend the writer encodes with (store.ec.BACKEND_CODES); NULL for rep. "
+                      "Backends are not interchangeable: readers decode with this one"),
+    sa.Column("ec_cell_bytes", sa.Integer, nullable=True, comment="ec only: cell size of the stripe layout; NULL for rep"),
     sa.Column("state", sa.String(16), nullable=False, comment="'open' while a writer holds the lease; 'closed' forever after"),
     sa.Column("lease_holder", sa.String(64), nullable=True, comment="client session id holding the lease; NULL when closed"),
     sa.Column("lease_expiry_ns", sa.BigInteger, nullable=True, comment="the lease ends here unless renewed; then the stream is fenced"),
@@ -87,6 +91,10 @@ extent = sa.Table(
     sa.Column("state", sa.String(16), nullable=False, comment="'open' (writable) or 'sealed' (sealed_length final)"),
     sa.Column("sealed_length", sa.BigInteger, nullable=True, comment="bytes acknowledged by all replicas; NULL while open"),
     sa.Column("redundancy", sa.String(32), nullable=False, comment="copied from the stream when allocated"),
+    sa.Column("ec_backend", sa.String(32), nullable=True, comment="copied from the stream (NULL for rep)"),
+    sa.Column("ec_cell_bytes", sa.Integer, nullable=True,
+              comment="copied from the stream (NULL for rep); sealed_length is the LOGICAL end, each fragment "
+                      "file is ec.Layout.fragment_length(sealed_length) long"),
     sa.Column("placement_epoch", sa.Integer, nullable=False, comment="bumped whenever replica rows change; clients refresh on stale epochs"),
     sa.Column("created_ns", sa.BigInteger, nullable=False, comment="allocation time"),
     sa.UniqueConstraint("stream_id", "seq"),
@@ -115,7 +123,8 @@ store_counter = sa.Table(
 
 
 def create_schema(engine: Engine) -> None:
-    """Create the cluster tables (idempotent) and record the schema version."""
+    """Create the cluster tables (idempotent) and record the schema version; upgrades a
+    version-1 schema in place (`appendfs format` on an existing cluster)."""
     md.create_all(engine)
     with engine.begin() as c:
         row = c.execute(sa.select(store_schema.c.version)).first()
@@ -123,8 +132,18 @@ def create_schema(engine: Engine) -> None:
             c.execute(store_schema.insert().values(id=1, version=CLUSTER_SCHEMA_VERSION))
             for name in ("stream", "extent"):
                 c.execute(store_counter.insert().values(name=name, next_value=1))
+        elif row.version == 1:
+            _upgrade_1_to_2(c)
         elif row.version != CLUSTER_SCHEMA_VERSION:
             raise VersionMismatch("cluster schema", CLUSTER_SCHEMA_VERSION, row.version)
+
+
+def _upgrade_1_to_2(c: Any) -> None:
+    """Version 1 had no EC columns: add them (NULL = rep:N, every stream and extent of v1)."""
+    for table in ("stream", "extent"):
+        c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN ec_backend VARCHAR(32)"))
+        c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN ec_cell_bytes INTEGER"))
+    c.execute(store_schema.update().values(version=2))
 
 
 def check_schema(engine: Engine) -> None:

@@ -7,7 +7,8 @@ Heartbeats and device usage live in the leader's memory.
 
 Requests (clients unless noted):
 
-    open_stream  {owner, redundancy, holder}            → {stream_id, lease_ttl_s, extent_max_bytes}
+    open_stream  {owner, redundancy, holder[, ec_backend, ec_cell_bytes]}
+                                                        → {stream_id, lease_ttl_s, extent_max_bytes}
     renew        {holder}                               → {streams: [ids still held]}
     alloc_extent {stream_id, holder, avoid: [node ids]} → extent map (see ``_extent_map``)
     seal_extent  {extent_id, holder, length}            → {length}
@@ -33,6 +34,8 @@ import trio
 from sqlalchemy.engine import Connection, Engine
 
 from appendfs.db import is_retryable
+from appendfs.store import ec
+from appendfs.store.codec import BlockError, verify_blocks
 from appendfs.store.metanode import leader as leadership
 from appendfs.store.metanode.config import MetaNodeConfig
 from appendfs.store.metanode.schema import device, extent, node, replica, store_counter, stream
@@ -203,7 +206,8 @@ class MetaNode:
 
     # ---- streams --------------------------------------------------------------------
 
-    async def op_open_stream(self, owner: str, redundancy: str, holder: str) -> dict[str, Any]:
+    async def op_open_stream(self, owner: str, redundancy: str, holder: str, ec_backend: str | None = None,
+                             ec_cell_bytes: int | None = None) -> dict[str, Any]:
         if owner not in OWNERS:
             raise RpcError("bad_request", f"owner {owner!r} is not one of {sorted(OWNERS)}")
         try:
@@ -211,13 +215,23 @@ class MetaNode:
         except PolicyError as exc:
             raise RpcError("bad_request", str(exc)) from None
         if policy.kind == "ec":
-            raise RpcError("unsupported", "erasure-coded streams are not available yet; use rep:N")
+            # The client encodes, so it names the backend and cell size; we only check them
+            # (a reader decodes with what is recorded here, never its own preference).
+            if ec_backend not in ec.BACKEND_CODES:
+                raise RpcError("bad_request", f"EC backend {ec_backend!r} is not one of {sorted(ec.BACKEND_CODES)}")
+            try:
+                ec.Layout(policy.data, policy.parity, int(ec_cell_bytes or 0))
+            except (ec.LayoutError, TypeError, ValueError) as exc:
+                raise RpcError("bad_request", f"EC cell size {ec_cell_bytes!r}: {exc}") from None
+        else:
+            ec_backend, ec_cell_bytes = None, None
         stream_id = await self._next_id("stream")
         now = time.time_ns()
         expiry = now + int(self.cfg.lease_ttl_s * 1e9)
         await self._write(lambda c: c.execute(stream.insert().values(
             stream_id=stream_id, owner=owner, redundancy=str(policy), state="open", lease_holder=holder,
-            lease_expiry_ns=expiry, created_ns=now)))
+            lease_expiry_ns=expiry, created_ns=now, ec_backend=ec_backend,
+            ec_cell_bytes=None if ec_cell_bytes is None else int(ec_cell_bytes))))
         return {"stream_id": stream_id, "lease_ttl_s": self.cfg.lease_ttl_s, "extent_max_bytes": self.extent_max_bytes}
 
     async def op_renew(self, holder: str) -> dict[str, Any]:
@@ -321,7 +335,8 @@ class MetaNode:
             seq = 0 if last is None else last.seq + 1
             c.execute(extent.insert().values(extent_id=extent_id, stream_id=stream_id, seq=seq, state="open",
                                              sealed_length=None, redundancy=str(policy), placement_epoch=1,
-                                             created_ns=time.time_ns()))
+                                             created_ns=time.time_ns(), ec_backend=srow.ec_backend,
+                                             ec_cell_bytes=srow.ec_cell_bytes))
             for cand, idx in placed:
                 c.execute(replica.insert().values(extent_id=extent_id, idx=idx, node_id=cand.node_id,
                                                   device_id=cand.device_id, state="ok", reason=None))
@@ -335,7 +350,7 @@ class MetaNode:
         if len(placed) < need:
             log.warning("extent %d placed on %d of %d nodes (degraded): under-replicated", extent_id, len(placed), need)
         return {"extent_id": extent_id, "seq": seq, "epoch": 1, "state": "open", "sealed_length": None,
-                "redundancy": str(policy),
+                "redundancy": str(policy), **_layout_field(srow),
                 "replicas": [{"idx": idx, "node_id": c.node_id, "address": c.address, "state": "ok"} for c, idx in placed],
                 "under_replicated": len(placed) < need}
 
@@ -382,6 +397,7 @@ class MetaNode:
                          .where(replica.c.extent_id == extent_id).order_by(replica.c.idx)).all()
         return {"extent_id": extent_id, "stream_id": row.stream_id, "seq": row.seq, "epoch": row.placement_epoch,
                 "state": row.state, "sealed_length": row.sealed_length, "redundancy": row.redundancy,
+                **_layout_field(row),
                 "replicas": [{"idx": r.idx, "node_id": r.node_id, "address": addresses.get(r.node_id, r.address),
                               "state": r.state} for r in reps]}
 
@@ -417,13 +433,14 @@ class MetaNode:
                                length=emap["sealed_length"])
             return length
         outcome: dict[int, tuple[str, str | None]] = {}
+        stored = _stored_length(emap, length)  # an EC fragment holds whole records of the logical bytes
 
         async def one(rep: dict[str, Any]) -> None:
             assert self._pool is not None
             address = self._address_of(rep)
             try:
                 ch = await self._pool.get(address)
-                await ch.call("seal", {"extent_id": extent_id, "length": length}, timeout_s=self.cfg.create_timeout_s)
+                await ch.call("seal", {"extent_id": extent_id, "length": stored}, timeout_s=self.cfg.create_timeout_s)
                 outcome[rep["idx"]] = ("ok", None)
             except RpcError as exc:
                 state = "missing" if exc.code in ("short", "not_found") else "corrupt"
@@ -503,13 +520,44 @@ class MetaNode:
                     continue
             if not lengths:
                 raise RpcError("unavailable", f"no replica of extent {emap['extent_id']} reachable")
-            await self._seal(emap, min(lengths))
-            log.info("fenced stream %d: extent %d sealed at %d", stream_id, emap["extent_id"], min(lengths))
+            end = min(lengths) if "layout" not in emap else await self._ec_fence_end(emap, min(lengths))
+            await self._seal(emap, end)
+            log.info("fenced stream %d: extent %d sealed at %d", stream_id, emap["extent_id"], end)
         await self._write(lambda c: c.execute(stream.update().where(stream.c.stream_id == stream_id)
                                               .values(state="closed", lease_holder=None, lease_expiry_ns=None)))
         if emap is None:
             log.info("fenced stream %d: its writer's lease expired with no extent open", stream_id)
         self.stats["fences"] += 1
+
+    async def _ec_fence_end(self, emap: dict[str, Any], min_fragment: int) -> int:
+        """Logical end of a fenced EC extent: the whole records every reachable fragment has
+        (a torn record past them was never acknowledged), ended by the last record's header.
+
+        Fragments that did not answer ``stat`` are not waited for: if one of them held fewer
+        records, the seal marks it missing and the stripes stay decodable from the others
+        only while K of them hold every record (repair's job once it exists).
+        """
+        layout = _layout_of(emap)
+        assert layout is not None
+        records = layout.records_in(min_fragment)
+        if records == 0:
+            return 0
+        off, size = layout.record_span(records - 1, 1)
+        for rep in emap["replicas"]:
+            try:
+                assert self._pool is not None
+                ch = await self._pool.get(self._address_of(rep))
+                result, data = await ch.call("read", {"extent_id": emap["extent_id"], "offset": off, "length": size},
+                                             timeout_s=self.cfg.create_timeout_s)
+                record = data[off - int(result["start"]):][:size]
+                verify_blocks(data, result["entries"], int(result["start"]) // 4096)
+                head = ec.parse_header(layout, record)
+            except (ConnectionLost, RpcError, trio.TooSlowError, BlockError, ec.EcError) as exc:
+                log.warning("fence: last record of extent %d on %s unusable: %s", emap["extent_id"], rep["node_id"], exc)
+                continue
+            if head.extent_id == emap["extent_id"] and head.stripe == records - 1:
+                return layout.logical_end(head)
+        raise RpcError("unavailable", f"no fragment of extent {emap['extent_id']} returned its last record")
 
     # ---- DataNodes ------------------------------------------------------------------
 
@@ -557,7 +605,7 @@ class MetaNode:
             if srow is not None and srow.lease_expiry_ns is not None and srow.lease_expiry_ns < time.time_ns():
                 await self._fence(emap["stream_id"])
             return None  # the live writer will seal it (the seal reaches this node), or the fence will
-        sealed = int(emap["sealed_length"])
+        sealed = _stored_length(emap, int(emap["sealed_length"]))
         if local_length < sealed:
             log.error("replica of extent %d on %s has %d bytes, fewer than sealed %d: marking it missing",
                       extent_id, node_id, local_length, sealed)
@@ -598,19 +646,24 @@ class MetaNode:
                                        extent.c.state.label("extent_state"))
                              .join(extent, extent.c.extent_id == replica.c.extent_id)).all()
             counts = c.execute(sa.select(extent.c.state, sa.func.count()).group_by(extent.c.state)).all()
-            return {"nodes": nodes, "devices": devices, "replicas": reps, "counts": dict(counts)}
+            codes = c.execute(sa.select(extent.c.redundancy, extent.c.ec_backend, extent.c.ec_cell_bytes, sa.func.count())
+                              .where(extent.c.ec_backend.is_not(None))
+                              .group_by(extent.c.redundancy, extent.c.ec_backend, extent.c.ec_cell_bytes)).all()
+            ec_use = [{"redundancy": r[0], "backend": r[1], "cell_bytes": r[2], "extents": r[3]} for r in codes]
+            return {"nodes": nodes, "devices": devices, "replicas": reps, "counts": dict(counts), "ec": ec_use}
         raw = await self._read(gather)
-        health: dict[int, tuple[int, int, int]] = {}  # extent → (width, good, readable)
+        health: dict[int, tuple[int, int, int, int]] = {}  # extent → (width, readable needed, good, readable)
         for r in raw["replicas"]:
-            width = parse_policy(r.redundancy).width
+            policy = parse_policy(r.redundancy)
+            needed = policy.data if policy.kind == "ec" else 1  # any K fragments decode an EC extent
             good = int(r.state == "ok" and r.node_id in alive)
             readable = int(r.state in ("ok", "unsealed") and r.node_id in alive)
-            w, g, rd = health.get(r.extent_id, (width, 0, 0))
-            health[r.extent_id] = (w, g + good, rd + readable)
+            w, nd, g, rd = health.get(r.extent_id, (policy.width, needed, 0, 0))
+            health[r.extent_id] = (w, nd, g + good, rd + readable)
         summary = {"healthy": 0, "under_replicated": 0, "lost": 0}
         under = []
-        for extent_id, (width, good, readable) in sorted(health.items()):
-            if readable == 0:
+        for extent_id, (width, needed, good, readable) in sorted(health.items()):
+            if readable < needed:
                 summary["lost"] += 1
                 under.append(extent_id)
             elif good < width:
@@ -632,4 +685,24 @@ class MetaNode:
                          free_bytes=ld["free_bytes"], full=ld["full"])
         return {"leader": self.address, "epoch": self.epoch, "nodes": raw["nodes"], "devices": raw["devices"],
                 "extents": {"open": raw["counts"].get("open", 0), "sealed": raw["counts"].get("sealed", 0), **summary},
-                "under_replicated_extents": under[:200]}
+                "under_replicated_extents": under[:200], "erasure_coding": raw["ec"]}
+
+
+def _layout_field(row: Any) -> dict[str, Any]:
+    """The ``layout`` entry of an extent map (EC extents only) from a stream or extent row."""
+    if row.ec_backend is None:
+        return {}
+    policy = parse_policy(row.redundancy)
+    return {"layout": {"k": policy.data, "m": policy.parity, "cell_bytes": int(row.ec_cell_bytes),
+                       "backend": row.ec_backend}}
+
+
+def _layout_of(emap: dict[str, Any]) -> ec.Layout | None:
+    lay = emap.get("layout")
+    return None if lay is None else ec.Layout(int(lay["k"]), int(lay["m"]), int(lay["cell_bytes"]))
+
+
+def _stored_length(emap: dict[str, Any], logical_length: int) -> int:
+    """Bytes each replica (rep) or fragment file (ec) of an extent with that logical end holds."""
+    layout = _layout_of(emap)
+    return logical_length if layout is None else layout.fragment_length(logical_length)

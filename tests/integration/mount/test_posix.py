@@ -1183,10 +1183,12 @@ def test_redundancy_xattr_is_inherited(module_mount: Mount) -> None:
         with pytest.raises(OSError) as exc:
             os.setxattr(d, key, bad)
         assert exc.value.errno == errno.EINVAL, bad
-    with pytest.raises(OSError) as exc:  # erasure coding is not available yet (fs.check_policy)
-        os.setxattr(d, key, b"ec:4+2")
-    assert exc.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(OSError) as exc:  # more fragments than the erasure code supports (fs.check_policy)
+        os.setxattr(d, key, b"ec:30+3")
+    assert exc.value.errno == errno.EINVAL
     assert os.getxattr(d, key) == b"rep:2"
+    os.setxattr(d, key, b"ec:4+2")  # accepted (files written here need 6 DataNodes: tests/integration/store/test_ec.py)
+    assert os.getxattr(d, key) == b"ec:4+2"
     os.setxattr(d, key, b"rep:1")
     (d / "h").write_bytes(b"h")
     assert os.getxattr(d / "h", key) == b"rep:1"
