@@ -402,12 +402,19 @@ def _bucket_dir(conn: sa.Connection, bucket_ino: int) -> Attr:
     return a
 
 
+_XATTR_ONE = sa.select(schema.xattr.c.name, schema.xattr.c.value).where(
+    schema.xattr.c.ino == sa.bindparam("src"), schema.xattr.c.name == sa.bindparam("name"))
+
+
 def _inherit(conn: sa.Connection, src: int, dst: int, names: Sequence[bytes]) -> None:
     """Copy the xattrs ``names`` that ``src`` has onto the new inode ``dst``."""
     if not names:
         return
     X = schema.xattr
-    rows = conn.execute(sa.select(X.c.name, X.c.value).where(X.c.ino == src, X.c.name.in_(names)))
+    if len(names) == 1:  # the gateway's case (the redundancy policy): a prebuilt statement
+        rows = conn.execute(_XATTR_ONE, {"src": src, "name": names[0]})
+    else:
+        rows = conn.execute(sa.select(X.c.name, X.c.value).where(X.c.ino == src, X.c.name.in_(names)))
     values = [{"ino": dst, "name": r.name, "value": r.value} for r in rows]
     if values:
         conn.execute(X.insert(), values)
@@ -509,6 +516,11 @@ def _view_query(by_name: bool = False) -> sa.Select[Any]:
     return sa.select(*_VIEW_COLS).select_from(joined)
 
 
+# Built once (the 4 KiB GET path): SQLAlchemy then only binds values and finds its cached
+# compilation, instead of building the join and the WHERE clause on every call.
+_BY_NAME = _view_query(by_name=True).where(D.c.parent == sa.bindparam("parent"), D.c.name == sa.bindparam("name"))
+
+
 def object_by_ino(conn: sa.Connection, ino: int) -> S3Object | None:
     """The S3 view of a file or directory by inode (``key`` is b""; None if gone)."""
     row = conn.execute(_view_query().where(I.c.ino == ino)).first()
@@ -561,8 +573,7 @@ def get_object(conn: sa.Connection, bucket_ino: int, key: bytes) -> S3Object:
         if found is None or found[1] != stat.S_IFDIR:
             raise _no_such_key(conn, bucket_ino)
         cur = found[0]
-    q = _view_query(by_name=True).where(D.c.parent == cur, D.c.name == names[-1])
-    row = conn.execute(q).first()
+    row = conn.execute(_BY_NAME, {"parent": cur, "name": names[-1]}).first()
     want = stat.S_IFDIR if path.is_dir else stat.S_IFREG
     if row is None or row.kind != want:
         raise _no_such_key(conn, bucket_ino)
@@ -592,6 +603,10 @@ def _put_dir(conn: sa.Connection, put: Put, d: Attr, created: bool) -> S3Object:
     return S3Object(put.key, d, EMPTY_MD5, dict(put.body.headers), True)
 
 
+_INSERT_INODE = I.insert()
+_INSERT_OBJ = OBJ.insert()
+
+
 def _new_file(conn: sa.Connection, put: Put, parent: int, ino: int, now: int) -> Attr:
     """Insert the new file inode with its slices, inherited xattrs and s3_object row."""
     b, o = put.body, put.owner
@@ -612,13 +627,11 @@ def _new_file(conn: sa.Connection, put: Put, parent: int, ino: int, now: int) ->
         0,
         len(b.slices),
     )
-    conn.execute(I.insert().values(**a._asdict()))
+    conn.execute(_INSERT_INODE, a._asdict())
     data.insert_slices(conn, a._replace(slice_seq=0), b.slices)  # seqs 1..n: later ones win
     _inherit(conn, parent, ino, o.inherit)
     etag = None if b.etag is None else strip_etag(b.etag)
-    conn.execute(
-        OBJ.insert().values(ino=ino, gen=a.gen, etag=etag, headers=headers_json(b.headers))
-    )
+    conn.execute(_INSERT_OBJ, {"ino": ino, "gen": a.gen, "etag": etag, "headers": headers_json(b.headers)})
     return a
 
 
