@@ -10,12 +10,13 @@ Pure code: no I/O here.
 from __future__ import annotations
 
 import email.utils
-import re
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from appendfs.meta import s3 as meta_s3
+from appendfs.meta.errors import S3Error as MetaS3Error
 from appendfs.s3.errors import S3Error
 
 if TYPE_CHECKING:
@@ -24,9 +25,8 @@ if TYPE_CHECKING:
 #: Stored with an object and returned by GET/HEAD (besides x-amz-meta-*).
 CONTENT_HEADERS = ("content-type", "content-encoding", "content-disposition", "content-language",
                    "cache-control", "expires")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_IPV4 = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 MAX_KEY_BYTES = 1024
+NAME_MAX = 255
 MAX_META_BYTES = 2048
 
 
@@ -98,29 +98,23 @@ def split_path(raw_path: bytes) -> tuple[str | None, bytes | None]:
 
 
 def check_bucket_name(name: str) -> None:
-    """S3's naming rules for new buckets (3-63 chars, lowercase letters, digits, '.', '-')."""
-    if not _BUCKET.match(name) or ".." in name or _IPV4.match(name) or name.startswith("xn--") or \
-            name.endswith("-s3alias"):
-        raise S3Error("InvalidBucketName", f"{name!r} is not a valid bucket name: 3-63 characters of "
-                      "lowercase letters, digits, '.' and '-', starting and ending with a letter or digit")
+    """S3's naming rules for new buckets — the namespace's (:func:`appendfs.meta.s3.check_bucket_name`)."""
+    try:
+        meta_s3.check_bucket_name(name)
+    except MetaS3Error as exc:
+        raise S3Error(exc.code, exc.message) from None
 
 
 def check_key(key: bytes) -> None:
-    """Keys the namespace can hold: ≤ 1024 bytes, components of 1-255 bytes, no NUL, no '.'/'..'."""
-    if len(key) > MAX_KEY_BYTES:
-        raise S3Error("KeyTooLongError", f"the key is {len(key)} bytes; at most {MAX_KEY_BYTES} are allowed")
-    if b"\0" in key:
-        raise S3Error("InvalidArgument", "a key must not contain NUL bytes")
-    parts = key.split(b"/")
-    if key.endswith(b"/"):
-        parts.pop()
-    for p in parts:
-        if not p:
-            raise S3Error("InvalidArgument", "a key must not start with '/' or contain '//' (empty path component)")
-        if p in (b".", b".."):
-            raise S3Error("InvalidArgument", "a key must not contain '.' or '..' path components")
-        if len(p) > 255:
-            raise S3Error("KeyTooLongError", f"a key component is {len(p)} bytes; at most 255 are allowed")
+    """Keys the namespace can hold (:func:`appendfs.meta.s3.split_key`: no NUL, no empty,
+    ``.`` or ``..`` components), answered with S3's codes: ``KeyTooLongError`` for a key over
+    1,024 bytes or a component over 255, ``InvalidArgument`` for the rest."""
+    if len(key) > MAX_KEY_BYTES or any(len(p) > NAME_MAX for p in key.split(b"/")):
+        raise S3Error("KeyTooLongError", f"keys are at most {MAX_KEY_BYTES} bytes, components {NAME_MAX}")
+    try:
+        meta_s3.split_key(key)
+    except MetaS3Error as exc:
+        raise S3Error("InvalidArgument", exc.message) from None
 
 
 def parse_range(value: str, size: int) -> tuple[int, int] | None:
@@ -171,13 +165,8 @@ def quoted(etag: str) -> str:
 
 
 def etag_matches(header: str, etag: str | None) -> bool:
-    """If-Match / If-None-Match: ``*`` or a list of (quoted, maybe weak) etags."""
-    for item in header.split(","):
-        item = item.strip()
-        if item == "*":
-            return etag is not None
-        if item.startswith("W/"):
-            item = item[2:]
-        if etag is not None and item.strip('"') == etag:
-            return True
-    return False
+    """If-Match / If-None-Match: ``*`` (any object) or a list of (quoted, maybe weak) etags,
+    compared as the namespace compares them for conditional PUTs."""
+    if etag is None:
+        return False
+    return any(v.strip() == "*" for v in header.split(",")) or meta_s3.etag_listed(header, etag)
