@@ -12,20 +12,45 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from appendfs.up import free_port as up_free_port
 
+R = TypeVar("R")
 APPENDFS = [sys.executable, "-m", "appendfs"]
 
 
 def free_port() -> int:
     return up_free_port()
+
+
+def run_threads(n: int, target: Callable[[int], R]) -> list[R]:
+    """Run ``target(i)`` in ``n`` threads released together; their results in order (any
+    error fails the test)."""
+    results: dict[int, R] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def body(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = target(i)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return [results[i] for i in range(n)]
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 60.0, interval_s: float = 0.1) -> Any:

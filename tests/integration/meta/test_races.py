@@ -11,32 +11,12 @@ import errno
 import multiprocessing
 import threading
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
+
+from cluster import run_threads
 
 from appendfs.db import make_engine
 from appendfs.meta import ROOT_INO, FsError, Meta, MetaConfig
-
-
-def run_threads(n: int, target: Callable[[int], Any]) -> list[Any]:
-    results: list[Any] = [None] * n
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(n)
-
-    def body(i: int) -> None:
-        try:
-            barrier.wait()
-            results[i] = target(i)
-        except BaseException as e:  # reported below, with the thread's identity
-            errors.append(e)
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    return results
 
 
 def test_concurrent_creates_in_one_directory(pg_meta: Meta) -> None:

@@ -12,11 +12,10 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
+from cluster import run_threads
 
 from appendfs.meta import (
     ROOT_INO,
@@ -32,7 +31,6 @@ from appendfs.meta import (
     schema,
 )
 
-R = TypeVar("R")
 POLICY = b"user.appendfs.redundancy"
 MIB = 1 << 20
 
@@ -721,27 +719,6 @@ def test_concurrent_puts_and_deletes_of_one_key(pg_meta: Meta) -> None:
             sa.select(sa.func.count()).where(schema.inode.c.kind == stat.S_IFREG)
         ).scalar_one()
     assert files == len(live)
-
-
-def run_threads(n: int, target: Callable[[int], R]) -> list[R]:
-    results: dict[int, R] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(n)
-
-    def body(i: int) -> None:
-        try:
-            barrier.wait()
-            results[i] = target(i)
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    return [results[i] for i in range(n)]
 
 
 def test_if_none_match_creates_exactly_once(pg_meta: Meta) -> None:
