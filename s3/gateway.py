@@ -148,9 +148,6 @@ class Gateway:
                 await self.compute_etag(current)
         raise AssertionError("unreachable")
 
-    def saw_put(self, bucket: S3Bucket) -> None:
-        """Hook for per-bucket statistics (nothing kept yet)."""
-
     async def segments(self, obj: S3Object, start: int, end: int) -> list[Segment]:
         """The slice map of ``[start, end)`` of the object as it was when resolved: if the
         key was replaced meanwhile, the snapshot of the old inode is read (it stays readable)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from appendfs.meta import S3Upload
+from appendfs.meta import S3Bucket, S3Upload
 from appendfs.s3 import xml
 from appendfs.s3.errors import S3Error
 from appendfs.s3.http import Request, Response, parse_range, quoted, stored_headers
@@ -33,12 +33,12 @@ async def create(gw: Gateway, req: Request, who: Principal) -> Response:
     return Response.xml(xml.initiate_multipart(bucket.name, key, up.upload_id))
 
 
-async def _upload(gw: Gateway, req: Request, who: Principal) -> tuple[S3Upload, bytes]:
+async def _upload(gw: Gateway, req: Request, who: Principal) -> tuple[S3Bucket, S3Upload, bytes]:
     bucket, key = await gw.bucket_and_key(req, who)
     up: S3Upload = await gw.call(gw.meta.s3_upload, req.query["uploadId"])
     if up.bucket != bucket.name or up.key != key:
         raise S3Error("NoSuchUpload", "the upload id belongs to another key")
-    return up, key
+    return bucket, up, key
 
 
 def _part_number(req: Request) -> int:
@@ -50,11 +50,10 @@ def _part_number(req: Request) -> int:
 
 async def upload_part(gw: Gateway, req: Request, who: Principal) -> Response:
     number = _part_number(req)
-    up, _ = await _upload(gw, req, who)
+    bucket, up, _ = await _upload(gw, req, who)
     if "x-amz-copy-source" in req.h:
         return await _upload_part_copy(gw, req, who, up, number)
     gw.check_size(req)
-    bucket = await gw.bucket(req, who)
     slices, size = await gw.store_body(req, bucket, part=True)
     etag = req.body.md5_hex
     await gw.call(gw.meta.s3_part_put, up.upload_id, number, size, etag, slices)
@@ -82,8 +81,7 @@ async def _upload_part_copy(gw: Gateway, req: Request, who: Principal, up: S3Upl
 
 
 async def complete(gw: Gateway, req: Request, who: Principal) -> Response:
-    up, key = await _upload(gw, req, who)
-    bucket = await gw.bucket(req, who)
+    bucket, up, key = await _upload(gw, req, who)
     parts = xml.parse_complete(await req.body.read_all(gw.cfg.max_xml_bytes))
     if len(parts) > MAX_PARTS:
         raise S3Error("InvalidArgument", f"at most {MAX_PARTS} parts")
@@ -91,13 +89,12 @@ async def complete(gw: Gateway, req: Request, who: Principal) -> Response:
     obj = await gw.call(gw.meta.s3_upload_complete, up.upload_id, parts, min_part_bytes=gw.cfg.min_part_bytes,
                         uid=t.uid, gid=t.gid, file_mode=t.file_mode, dir_mode=t.dir_mode,
                         inherit_xattrs=gw.inherit, cond=put_conditions(req.h))
-    gw.saw_put(bucket)
     location = f"/{bucket.name}/{key.decode('utf-8', 'replace')}"
     return Response.xml(xml.complete_multipart(location, bucket.name, key, obj.etag or ""))
 
 
 async def abort(gw: Gateway, req: Request, who: Principal) -> Response:
-    up, _ = await _upload(gw, req, who)
+    _, up, _ = await _upload(gw, req, who)
     await gw.call(gw.meta.s3_upload_abort, up.upload_id)
     return Response(204)
 
@@ -112,7 +109,7 @@ def _int(req: Request, name: str, default: int, hi: int) -> int:
 
 
 async def list_parts(gw: Gateway, req: Request, who: Principal) -> Response:
-    up, key = await _upload(gw, req, who)
+    _, up, key = await _upload(gw, req, who)
     marker = _int(req, "part-number-marker", 0, MAX_PARTS)
     max_parts = _int(req, "max-parts", 1000, 1000)
     parts, truncated = await gw.call(gw.meta.s3_parts, up.upload_id, marker, max_parts)

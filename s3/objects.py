@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import urllib.parse
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from appendfs.meta import PutConditions, S3Bucket, S3Object
@@ -207,8 +206,3 @@ def to_slices(segments: list[Segment], base: int) -> list[NewSlice]:
     """Resolved segments → new slices at ``file_off - base``; holes stay holes."""
     return [NewSlice(s.file_off - base, s.length, s.extent_id, s.ext_off) for s in segments
             if s.extent_id is not None and s.length > 0]
-
-
-async def empty_body() -> AsyncIterator[bytes]:
-    return
-    yield b""  # pragma: no cover - makes this an async generator
