@@ -274,6 +274,26 @@ def status_cmd(meta_url: str, as_json: bool) -> None:
     click.echo(json.dumps(status, indent=2, default=str) if as_json else render_status(status))
 
 
+@main.group("node")
+def node_group() -> None:
+    """DataNode administration: drain a node before removing it."""
+
+
+@node_group.command("drain")
+@meta_option
+@click.argument("node_id")
+@click.option("--cancel", is_flag=True, help="stop draining: the node takes new extents again")
+@guarded
+def node_drain(meta_url: str, node_id: str, cancel: bool) -> None:
+    """Move every extent off NODE_ID (see `appendfs status` for progress); it gets no new
+    extents meanwhile and is shown `drained` once it holds nothing and can be removed."""
+    from appendfs.tools import drain_node
+
+    setup_logging("WARNING")
+    state = trio.run(drain_node, meta_url, node_id, cancel)
+    click.echo(f"node {node_id}: {state}")
+
+
 @main.command("mount")
 @meta_option
 @config_option

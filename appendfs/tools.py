@@ -113,6 +113,13 @@ async def fetch_status(meta_url: str) -> dict[str, Any]:
     return status
 
 
+async def drain_node(meta_url: str, node_id: str, cancel: bool) -> str:
+    """Ask the leading MetaNode to drain (or stop draining) a DataNode; its new state."""
+    async with StoreClient.connect(meta_url, ClientConfig(leader_wait_s=10.0)) as client:
+        result = await client.meta.call("drain", {"node_id": node_id, "cancel": cancel}, wait_s=10.0)
+    return str(result["state"])
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "-"
@@ -126,19 +133,35 @@ def _size(n: int | None) -> str:
 
 def render_status(st: dict[str, Any]) -> str:
     lines = [f"leader: {st['leader']} (epoch {st['epoch']})", "", "nodes:"]
-    lines.append(f"  {'node':18} {'address':22} {'state':6} {'seen':>6}")
+    lines.append(f"  {'node':18} {'address':22} {'state':6} {'seen':>6} {'stored':>11} role")
     for n in st["nodes"]:
         seen = "-" if n.get("seen_ago_s") is None else f"{n['seen_ago_s']}s"
-        lines.append(f"  {n['node_id']:18} {n['address']:22} {'alive' if n['alive'] else 'DEAD':6} {seen:>6}")
+        role = n.get("state", "active") + (", declared dead: its copies are re-created elsewhere" if n.get("dead") else "")
+        lines.append(f"  {n['node_id']:18} {n['address']:22} {'alive' if n['alive'] else 'DEAD':6} {seen:>6} "
+                     f"{_size(n.get('stored_bytes')):>11} {role}")
     lines += ["", "devices:", f"  {'device':20} {'capacity':>11} {'used':>11} {'free':>11} full"]
     for d in st["devices"]:
         lines.append(f"  {d['device_id']:20} {_size(d['capacity_bytes']):>11} {_size(d['used_bytes']):>11} "
                      f"{_size(d.get('free_bytes')):>11} {'yes' if d.get('full') else 'no'}")
     e = st["extents"]
     lines += ["", f"extents: {e['open']} open, {e['sealed']} sealed; healthy {e['healthy']}, "
-                  f"under-replicated {e['under_replicated']}, lost {e['lost']}"]
+                  f"degraded {e.get('degraded', 0)}, under-replicated {e['under_replicated']}, lost {e['lost']}"]
     if st["under_replicated_extents"]:
-        lines.append("under-replicated extents: " + " ".join(map(str, st["under_replicated_extents"][:50])))
+        lines.append("not healthy (degraded, under-replicated or lost): "
+                     + " ".join(map(str, st["under_replicated_extents"][:50])))
+    r = st.get("repair")
+    if r:
+        lines.append(f"repair: {len(r['running'])} running, {r['queued']} queued; done: {r['repairs']} repairs, "
+                     f"{r['drain_moves']} drain and {r['rebalance_moves']} rebalance moves, "
+                     f"{_size(r['moved_bytes'])} copied (limit {_size(r['limit_bytes_s'])}/s); "
+                     f"{r['move_failures']} failed; imbalance {r['imbalance']:.0%}")
+        for m in r["running"]:
+            lines.append(f"  {m['kind']} extent {m['extent_id']} slot {m['idx']} -> {m['target']} "
+                         f"({_size(m['bytes'])}): {m['reason']}")
+        for line in r["stuck"]:
+            lines.append(f"  cannot repair: {line}")
+        if r.get("last_error"):
+            lines.append(f"  last failure: {r['last_error']}")
     for u in st.get("erasure_coding", []):
         lines.append(f"erasure coding: {u['redundancy']} with backend {u['backend']}, "
                      f"{_size(u['cell_bytes'])} cells, {u['extents']} extents")
@@ -147,4 +170,4 @@ def render_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BadLocator", "fetch_status", "get_to", "put_file", "render_status"]
+__all__ = ["BadLocator", "drain_node", "fetch_status", "get_to", "put_file", "render_status"]

@@ -31,10 +31,12 @@ class Policy:
         """How many devices one extent spans."""
         return self.data + self.parity if self.kind == "ec" else self.data
 
-    def write_min(self, configured: int | None = None) -> int:
-        """Fewest devices an extent may be placed on (DESIGN §7 degraded writes)."""
+    def write_min(self, configured: int | None = None, ec_missing_max: int = 1) -> int:
+        """Fewest devices an extent may be placed on (DESIGN §7 degraded writes): for EC at
+        most ``ec_missing_max`` fragments missing and never fewer than K+1 placed, so one
+        more failure during the write loses nothing; repair places the rest once sealed."""
         if self.kind == "ec":
-            return self.width  # a missing fragment cannot be written later without repair (not built yet)
+            return max(self.data + 1, self.width - ec_missing_max)
         if configured is not None:
             return max(1, min(configured, self.data))
         return max(1, self.data - 1)

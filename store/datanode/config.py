@@ -17,6 +17,10 @@ def _addresses(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _block_multiple(value: int) -> str | None:
+    return None if value > 0 and value % 4096 == 0 else "must be a positive multiple of 4096"
+
+
 @dataclass(frozen=True)
 class DataNodeConfig:
     data: Path = option(Path("/var/lib/appendfs/datanode"), "data directory (one device); stamped with node.json")
@@ -34,5 +38,10 @@ class DataNodeConfig:
     heartbeat_interval_s: float = option(1.0, "seconds between heartbeats to the MetaNode", positive)
     read_threads: int = option(4, "concurrent reads per device", positive)
     max_inflight: int = option(16, "requests in flight per connection (memory bound)", positive)
+    scrub_bytes_s: int = option(16 << 20, "scrub: bytes per second re-verified against their block checksums "
+                                          "(0 disables scrub)", non_negative)
+    scrub_interval_s: float = option(86400.0, "scrub: seconds between two verifications of the same sealed extent",
+                                     positive)
+    scrub_chunk_bytes: int = option(1 << 20, "scrub: bytes read per step (a multiple of 4096)", _block_multiple)
     metrics: str | None = option(None, "HOST:PORT for Prometheus /metrics (off when unset)", host_port)
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")

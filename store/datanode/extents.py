@@ -87,7 +87,10 @@ class ExtentStore:
         self._wake = trio.Event()
         self.stats = {"appends": 0, "append_bytes": 0, "reads": 0, "reads_inline": 0, "read_bytes": 0, "commits": 0,
                       "checksum_rejects": 0, "write_seconds": 0.0, "commit_seconds": 0.0,
-                      "append_latency_seconds": 0.0}
+                      "append_latency_seconds": 0.0,
+                      # repair.py and scrub.py count here too, so /metrics shows them
+                      "rebuilds": 0, "rebuild_bytes": 0, "rebuild_read_bytes": 0, "rebuild_failures": 0,
+                      "scrub_bytes": 0, "scrub_extents": 0, "scrub_errors": 0, "scrub_passes": 0}
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -373,6 +376,34 @@ class ExtentStore:
                 "index": ext.meta.index, "state": "recovering" if ext.recovering else ext.meta.state,
                 "length": ext.written, "durable": ext.durable, "sealed_length": ext.meta.sealed_length,
                 "failed": ext.failed}
+
+    def sealed_extents(self) -> list[tuple[int, ExtentMeta]]:
+        """(id, record) of every sealed extent, for scrub."""
+        return [(i, e.meta) for i, e in sorted(self._extents.items()) if e.sealed]
+
+    def is_current(self, extent_id: int, meta: ExtentMeta) -> bool:
+        """Whether ``extent_id`` still exists with exactly this record (not deleted, re-created
+        or resealed since ``meta`` was taken from :meth:`sealed_extents`)."""
+        ext = self._extents.get(extent_id)
+        return ext is not None and ext.meta is meta
+
+    async def read_stored(self, extent_id: int, offset: int, length: int) -> tuple[bytes, bytes]:
+        """(data, checksum entries) of [offset, offset+length) as stored on the device, in a
+        worker thread of the read lane (scrub); ``offset`` is block aligned. No overlay of
+        entries still in memory: meant for sealed extents."""
+        if offset % BLOCK_BYTES:
+            raise ValueError(f"read_stored at {offset}: not a block boundary")
+        self._get(extent_id)
+        first, count = offset // BLOCK_BYTES, -(-length // BLOCK_BYTES)
+
+        def work() -> tuple[bytes, bytes]:
+            return (self.backend.read_data(extent_id, offset, length),
+                    self.backend.read_checksums(extent_id, first, count))
+
+        try:
+            return await trio.to_thread.run_sync(work, limiter=self._read_lane)
+        except (OSError, BackendError) as exc:
+            raise ExtentError("io_error", f"read failed: {exc}") from None
 
     def all_extents(self) -> list[dict[str, Any]]:
         return [self.stat(i) for i in sorted(self._extents)]

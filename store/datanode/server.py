@@ -4,16 +4,22 @@ Requests (op → args → result; bulk data raw in the frame):
 
     create  {extent_id, stream_id, epoch, index}              → {}
     append  {extent_id, offset, xxh3} + data                 → {length}   (durable on reply)
-    read    {extent_id, offset, length}                      → {start} + data, {entries}
+    read    {extent_id, offset, length, epoch?}              → {start} + data, {entries}
     seal    {extent_id, length}                              → {length}
     delete  {extent_id}                                      → {}
     stat    {extent_id}                                      → extent state
     list    {}                                               → {extents: [...]}
     ping    {}                                               → {node_id, usage}
+    rebuild {extent_id, stream_id, epoch, index, length,     → {length, read_bytes, seconds}
+             sources: [{idx, node_id, address}],
+             layout: {k, m, cell_bytes, backend} | absent, rate_bytes_s}
 
 The node never talks to SQL (DESIGN §7): it heartbeats to the MetaNode addresses it was
 given, follows "not leader, go to X" redirects, and reconciles extents that were open at
-a restart with the sealed lengths the MetaNode answers.
+a restart with the sealed lengths the MetaNode answers. ``rebuild`` (repair.py) makes this
+node copy or reconstruct one replica / EC fragment of a sealed extent from its peers; the
+scrub task (scrub.py) re-verifies sealed extents in the background and reports bad ones
+to the MetaNode with ``report_bad``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import trio
 from appendfs.store.datanode.backend import ExtentMeta
 from appendfs.store.datanode.config import DataNodeConfig
 from appendfs.store.datanode.extents import ExtentError, ExtentStore
+from appendfs.store.datanode.repair import Rebuilder, RebuildJob
+from appendfs.store.datanode.scrub import Scrubber
 from appendfs.store.identity import NodeIdentity
 from appendfs.store.rpc import (
     ChannelPool,
@@ -52,16 +60,29 @@ class DataNode:
         self.registered = trio.Event()
         self._metanode_index = 0
         self._redirect: str | None = None
+        self._peers: ChannelPool | None = None  # to other DataNodes (rebuild) and the MetaNode (scrub reports)
+        self.rebuilder: Rebuilder | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         host, port = parse_address(self.cfg.listen)
         opts = ServerOptions(max_inflight=self.cfg.max_inflight, node=self.ident.node_id)
-        async with trio.open_nursery() as nursery:
+        async with ChannelPool(self.auth, connect_timeout_s=5.0) as peers, trio.open_nursery() as nursery:
+            self._peers = peers
+
+            def report_source(extent_id: int, node_id: str, reason: str) -> None:
+                nursery.start_soon(self._report_bad, extent_id, reason, node_id)
+
+            self.rebuilder = Rebuilder(self.store, peers, report_bad=report_source)
             await nursery.start(self.store.run)
             bound = await nursery.start(serve, host, port, self.handle, self.auth, opts)
             if port == 0:
                 self.address = f"{host}:{bound}"
             nursery.start_soon(self._heartbeats)
+            if self.cfg.scrub_bytes_s > 0:
+                scrubber = Scrubber(self.store, self._report_bad, rate_bytes_s=self.cfg.scrub_bytes_s,
+                                    interval_s=self.cfg.scrub_interval_s, chunk_bytes=self.cfg.scrub_chunk_bytes,
+                                    state_path=self.cfg.data / "scrub.json")
+                nursery.start_soon(scrubber.run)
             log.info("datanode %s serving %s (%s backend)", self.ident.node_id, self.address, self.store.backend.kind)
             task_status.started(bound)
 
@@ -96,6 +117,10 @@ class DataNode:
                 return {"extents": self.store.all_extents()}, b""
             if req.op == "ping":
                 return {"node_id": self.ident.node_id, "usage": self._usage()}, b""
+            if req.op == "rebuild":
+                if self.rebuilder is None:
+                    raise RpcError("unavailable", "this DataNode is still starting")
+                return await self.rebuilder.rebuild(RebuildJob.from_args(a)), b""
         except ExtentError as exc:
             raise RpcError(exc.code, exc.message, **exc.details) from None
         except (KeyError, ValueError, TypeError) as exc:
@@ -149,6 +174,21 @@ class DataNode:
                 self._redirect = None
                 self._metanode_index += 1
         raise ConnectionLost(f"no leading MetaNode reachable: {last}")
+
+    async def _report_bad(self, extent_id: int, reason: str, node_id: str | None = None) -> bool:
+        """Tell the MetaNode that the copy of ``extent_id`` on ``node_id`` (default: ours, found
+        by scrub; another node's: a rebuild source) is corrupt; True once it knows."""
+        if self._peers is None:
+            return False
+        node_id = node_id or self.ident.node_id
+        try:
+            await self._call_leader(self._peers, "report_bad", {"extent_id": extent_id, "node_id": node_id,
+                                                                "reason": reason})
+            return True
+        except (ConnectionLost, RpcError, trio.TooSlowError) as exc:
+            log.warning("could not report the corrupt copy of extent %d on %s to the MetaNode: %s", extent_id,
+                        node_id, exc)
+            return False
 
     async def _apply(self, actions: list[dict[str, Any]]) -> None:
         for act in actions:

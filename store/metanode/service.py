@@ -15,7 +15,8 @@ Requests (clients unless noted):
     close_stream {stream_id, holder}                    → {}
     get_extents  {extent_ids}                           → {extents: [extent map]}
     report_bad   {extent_id, node_id, reason}           → {}
-    status       {}                                     → nodes, devices, extent health
+    status       {}                                     → nodes, devices, extent health, repair progress
+    drain        {node_id, cancel}  (operators)         → {state}
     heartbeat    {node_id, address, ...} (DataNodes)    → {reconcile: [{extent_id, action, length}]}
 """
 
@@ -37,7 +38,9 @@ from appendfs.db import is_retryable
 from appendfs.store import ec
 from appendfs.store.codec import BlockError, verify_blocks
 from appendfs.store.metanode import leader as leadership
+from appendfs.store.metanode import plan
 from appendfs.store.metanode.config import MetaNodeConfig
+from appendfs.store.metanode.maintain import Maintainer, extent_views
 from appendfs.store.metanode.schema import device, extent, node, replica, store_counter, stream
 from appendfs.store.placement import Candidate, PolicyError, choose, parse_policy
 from appendfs.store.rpc import (
@@ -86,6 +89,8 @@ class MetaNode:
         self._ids: dict[str, list[int]] = {"stream": [0, 0], "extent": [0, 0]}
         self._leader_scope: trio.CancelScope | None = None
         self._pool: ChannelPool | None = None
+        self.node_states: dict[str, tuple[str, str, str]] = {}  # node id → (state, address, domain), from SQL
+        self.maintainer = Maintainer(self)
         self.stats = {"allocations": 0, "seals": 0, "fences": 0, "bad_reports": 0, "heartbeats": 0}
 
     # ---- lifetime -------------------------------------------------------------------
@@ -117,6 +122,8 @@ class MetaNode:
                             self._leader_scope = scope
                             async with trio.open_nursery() as nursery:
                                 nursery.start_soon(self._fence_loop)
+                                self.maintainer = Maintainer(self)
+                                nursery.start_soon(self.maintainer.run)
                                 nursery.start_soon(self._watch_lock, lock)
                     finally:
                         log.warning("metanode %s stops leading (epoch %s)", self.address, self.epoch)
@@ -278,6 +285,8 @@ class MetaNode:
             if now - n.last_seen > self.cfg.dead_after_s:
                 continue
             live += 1
+            if self.node_states.get(n.node_id, ("active",))[0] != "active":
+                continue  # draining, drained or removed: no new extents
             for d in n.devices:
                 if d.get("full"):
                     full += 1
@@ -297,7 +306,7 @@ class MetaNode:
             if found is not None:
                 return {**found, "under_replicated": len(found["replicas"]) < parse_policy(srow.redundancy).width}
         policy = parse_policy(srow.redundancy)
-        need, minimum = policy.width, policy.write_min(self.cfg.write_min)
+        need, minimum = policy.width, policy.write_min(self.cfg.write_min, self.cfg.ec_missing_max)
         extent_id = await self._next_id("extent")
         avoid_set = frozenset(avoid or ())
         placed: list[tuple[Candidate, int]] = []
@@ -569,6 +578,10 @@ class MetaNode:
             log.info("datanode %s registered at %s", node_id, address)
             live = NodeLive(node_id, address, failure_domain, now, devices)
             self.nodes[node_id] = live
+            self.maintainer.sweep.add(node_id)  # copies re-created elsewhere while it was away
+        elif now - live.last_seen > self.cfg.dead_after_s:
+            log.info("datanode %s is back after %.0f s", node_id, now - live.last_seen)
+            self.maintainer.sweep.add(node_id)
         live.last_seen, live.devices = now, devices
         self.stats["heartbeats"] += 1
         if now - live.persisted_at > 10.0:
@@ -637,44 +650,34 @@ class MetaNode:
 
     async def op_status(self) -> dict[str, Any]:
         now = trio.current_time()
-        alive = {n.node_id for n in self.nodes.values() if now - n.last_seen <= self.cfg.dead_after_s}
 
         def gather(c: Connection) -> dict[str, Any]:
             nodes = [dict(r._mapping) for r in c.execute(sa.select(node).order_by(node.c.node_id))]
             devices = [dict(r._mapping) for r in c.execute(sa.select(device).order_by(device.c.device_id))]
-            reps = c.execute(sa.select(replica.c.extent_id, replica.c.node_id, replica.c.state, extent.c.redundancy,
-                                       extent.c.state.label("extent_state"))
-                             .join(extent, extent.c.extent_id == replica.c.extent_id)).all()
             counts = c.execute(sa.select(extent.c.state, sa.func.count()).group_by(extent.c.state)).all()
             codes = c.execute(sa.select(extent.c.redundancy, extent.c.ec_backend, extent.c.ec_cell_bytes, sa.func.count())
                               .where(extent.c.ec_backend.is_not(None))
                               .group_by(extent.c.redundancy, extent.c.ec_backend, extent.c.ec_cell_bytes)).all()
             ec_use = [{"redundancy": r[0], "backend": r[1], "cell_bytes": r[2], "extents": r[3]} for r in codes]
-            return {"nodes": nodes, "devices": devices, "replicas": reps, "counts": dict(counts), "ec": ec_use}
+            return {"nodes": nodes, "devices": devices, "views": extent_views(c, sa.true()), "counts": dict(counts),
+                    "ec": ec_use, "states": _node_rows(nodes)}
         raw = await self._read(gather)
-        health: dict[int, tuple[int, int, int, int]] = {}  # extent → (width, readable needed, good, readable)
-        for r in raw["replicas"]:
-            policy = parse_policy(r.redundancy)
-            needed = policy.data if policy.kind == "ec" else 1  # any K fragments decode an EC extent
-            good = int(r.state == "ok" and r.node_id in alive)
-            readable = int(r.state in ("ok", "unsealed") and r.node_id in alive)
-            w, nd, g, rd = health.get(r.extent_id, (policy.width, needed, 0, 0))
-            health[r.extent_id] = (w, nd, g + good, rd + readable)
-        summary = {"healthy": 0, "under_replicated": 0, "lost": 0}
-        under = []
-        for extent_id, (width, needed, good, readable) in sorted(health.items()):
-            if readable < needed:
-                summary["lost"] += 1
-                under.append(extent_id)
-            elif good < width:
-                summary["under_replicated"] += 1
-                under.append(extent_id)
-            else:
-                summary["healthy"] += 1
+        views = self.maintainer.node_views(raw["states"])
+        summary = {"healthy": 0, "degraded": 0, "under_replicated": 0, "lost": 0}
+        unhealthy = []
+        for e in raw["views"]:
+            h = plan.health(e, views)
+            summary[h] += 1
+            if h != "healthy":
+                unhealthy.append(e.extent_id)
         live_devices = {d["device_id"]: d for n in self.nodes.values() for d in n.devices}
+        stored = plan.stored_by_node(e for e in raw["views"] if e.sealed_length)
         for n in raw["nodes"]:
             live = self.nodes.get(n["node_id"])
-            n["alive"] = n["node_id"] in alive
+            v = views.get(n["node_id"])
+            n["alive"] = bool(v and v.alive)
+            n["dead"] = bool(v and v.dead)  # declared dead: its copies are being re-created
+            n["stored_bytes"] = stored.get(n["node_id"], 0)
             n["seen_ago_s"] = None if live is None else round(now - live.last_seen, 1)
             if live is not None:
                 n["address"] = live.address
@@ -685,7 +688,31 @@ class MetaNode:
                          free_bytes=ld["free_bytes"], full=ld["full"])
         return {"leader": self.address, "epoch": self.epoch, "nodes": raw["nodes"], "devices": raw["devices"],
                 "extents": {"open": raw["counts"].get("open", 0), "sealed": raw["counts"].get("sealed", 0), **summary},
-                "under_replicated_extents": under[:200], "erasure_coding": raw["ec"]}
+                "under_replicated_extents": unhealthy[:200], "erasure_coding": raw["ec"],
+                "repair": self.maintainer.progress()}
+
+    # ---- drain ----------------------------------------------------------------------
+
+    async def op_drain(self, node_id: str, cancel: bool = False) -> dict[str, Any]:
+        """Start (or cancel) draining a DataNode: no new extents there, and the maintainer
+        copies every sealed extent away; the node becomes ``drained`` once it holds none."""
+        def set_state(c: Connection) -> str:
+            row = c.execute(sa.select(node.c.state).where(node.c.node_id == node_id)).first()
+            if row is None:
+                raise RpcError("not_found", f"no DataNode {node_id!r} has ever registered")
+            state = "active" if cancel else ("drained" if row.state == "drained" else "draining")
+            c.execute(node.update().where(node.c.node_id == node_id).values(state=state))
+            return state
+        state = await self._write(set_state)
+        old = self.node_states.get(node_id, (state, "", node_id))
+        self.node_states[node_id] = (state, old[1], old[2])
+        log.info("node %s: %s", node_id, "drain cancelled" if cancel else "draining")
+        self.maintainer.wake.set()
+        return {"node_id": node_id, "state": state}
+
+
+def _node_rows(nodes: list[dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
+    return {n["node_id"]: (n["state"], n["address"], n["failure_domain"]) for n in nodes}
 
 
 def _layout_field(row: Any) -> dict[str, Any]:

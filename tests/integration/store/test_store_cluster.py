@@ -51,7 +51,9 @@ def test_put_survives_a_datanode_killed_midway(meta_url: str, make_cluster, tmp_
     def dead_and_degraded():
         st = c.status()
         dead = [n for n in st["nodes"] if not n["alive"]]
-        return st if dead and st["extents"]["under_replicated"] > 0 else None
+        # copies on the killed node are "degraded" (it may return), extents placed without
+        # it "under-replicated" (a copy never placed): both are short of full redundancy
+        return st if dead and st["extents"]["degraded"] + st["extents"]["under_replicated"] > 0 else None
     st = wait_for(dead_and_degraded, "status to show the dead node and under-replicated extents", 30)
     assert len([n for n in st["nodes"] if not n["alive"]]) == 1
     assert st["extents"]["lost"] == 0
@@ -100,9 +102,8 @@ def test_a_flipped_byte_is_detected_reported_and_read_around(sqlite_url: str, ma
     assert res.returncode == 0, res.stderr.decode()
     assert files_equal(src, out)
     assert b"checksum mismatch" in res.stderr
-    st = c.status()
-    assert first_extent in st["under_replicated_extents"]
-    assert "corrupt replica reported" in c.metanodes[0].text()
+    # reported: marked corrupt, and (test_repair.py) soon rewritten by the maintainer
+    assert f"corrupt replica reported: extent {first_extent} on node" in c.metanodes[0].text()
 
 
 @pytest.mark.postgres

@@ -50,10 +50,16 @@ def test_parse_accepts_only_canonical_forms(text: str) -> None:
 
 
 @pytest.mark.parametrize(("policy", "expected"), [("rep:1", 1), ("rep:2", 1), ("rep:3", 2), ("rep:5", 4),
-                                                  ("ec:4+2", 6)])
+                                                  ("ec:4+2", 5), ("ec:2+1", 3), ("ec:10+4", 13)])
 def test_write_min_default(policy: str, expected: int) -> None:
-    # DESIGN §7: N-1 by default, at least 1 (EC needs every fragment).
+    # DESIGN §7: N-1 by default, at least 1; EC one fragment missing at most, never below K+1.
     assert parse_policy(policy).write_min() == expected
+
+
+def test_ec_write_min_follows_ec_missing_max() -> None:
+    ec42 = parse_policy("ec:4+2")
+    assert ec42.write_min(ec_missing_max=0) == 6
+    assert ec42.write_min(ec_missing_max=2) == 5  # never fewer than K+1
 
 
 def test_write_min_configured_is_clamped() -> None:
