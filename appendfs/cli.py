@@ -221,7 +221,7 @@ def _client_config(config_file: Path | None) -> Any:
 @store_group.command("put")
 @meta_option
 @config_option
-@click.option("--redundancy", default="rep:3", show_default=True, help="rep:N or ec:K+M (erasure coded, K+M DataNodes)")
+@click.option("--redundancy", default="rep:3", show_default=True, help="rep:N, ec:K+M (erasure coded, K+M DataNodes) or rep:N>ec:K+M (transcoded once sealed)")
 @click.argument("file", type=click.Path(path_type=Path, allow_dash=True))
 @guarded
 def store_put(meta_url: str, config_file: Path | None, redundancy: str, file: Path) -> None:

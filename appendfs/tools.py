@@ -153,10 +153,12 @@ def render_status(st: dict[str, Any]) -> str:
     if r:
         lines.append(f"repair: {len(r['running'])} running, {r['queued']} queued; done: {r['repairs']} repairs, "
                      f"{r['drain_moves']} drain and {r['rebalance_moves']} rebalance moves, "
+                     f"{r.get('transcodes', 0)} transcodes, "
                      f"{_size(r['moved_bytes'])} copied (limit {_size(r['limit_bytes_s'])}/s); "
                      f"{r['move_failures']} failed; imbalance {r['imbalance']:.0%}")
         for m in r["running"]:
-            lines.append(f"  {m['kind']} extent {m['extent_id']} slot {m['idx']} -> {m['target']} "
+            slot = "" if m["idx"] is None else f" slot {m['idx']}"
+            lines.append(f"  {m['kind']} extent {m['extent_id']}{slot} -> {m['target']} "
                          f"({_size(m['bytes'])}): {m['reason']}")
         for line in r["stuck"]:
             lines.append(f"  cannot repair: {line}")

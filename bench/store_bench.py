@@ -208,15 +208,28 @@ class Cluster:
     meta_url: str
     metanode: subprocess.Popen[bytes]
     datanodes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    meta_addr: str = ""
+    env: dict[str, str] | None = None  # added to the daemons' environment (APPENDFS_* settings)
 
     @property
     def dn_pids(self) -> list[int]:
-        return [p.pid for p in self.datanodes]
+        """The DataNodes still running (a benchmark may kill some)."""
+        return [p.pid for p in self.datanodes if p.returncode is None]
+
+    def start_datanode(self, *extra: str) -> subprocess.Popen[bytes]:
+        """Start one more DataNode, ``dnN`` (N = how many were started before), with ``extra`` arguments."""
+        i = len(self.datanodes)
+        p = _spawn(["datanode", "--listen", f"127.0.0.1:{free_port()}", "--data", str(self.root / f"dn{i}"),
+                    "--metanode", self.meta_addr, "--secret-file", str(self.root / "secret"), *extra],
+                   self.root / f"dn{i}.log", self.env)
+        self.datanodes.append(p)
+        return p
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen([str(APPENDFS), *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen([str(APPENDFS), *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=None if env is None else {**os.environ, **env})
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -234,17 +247,20 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 @contextmanager
-def cluster(root: Path, datanodes: int = 3) -> Iterator[Cluster]:
+def cluster(root: Path, datanodes: int = 3, env: dict[str, str] | None = None,
+            dn_args: Callable[[int], list[str]] | None = None) -> Iterator[Cluster]:
+    """A throwaway cluster in ``root``; ``env`` is added to every daemon's environment,
+    ``dn_args(i)`` to DataNode i's arguments."""
     meta_url = f"sqlite:///{root}/meta.db"
     secret = root / "secret"
     subprocess.run([str(APPENDFS), "format", meta_url, "--secret-file", str(secret)], check=True,
                    stdout=subprocess.DEVNULL)
     meta_addr = f"127.0.0.1:{free_port()}"
-    c = Cluster(root, meta_url, _spawn(["metanode", "--meta", meta_url, "--listen", meta_addr], root / "metanode.log"))
+    c = Cluster(root, meta_url, _spawn(["metanode", "--meta", meta_url, "--listen", meta_addr], root / "metanode.log",
+                                       env), meta_addr=meta_addr, env=env)
     try:
         for i in range(datanodes):
-            c.datanodes.append(_spawn(["datanode", "--listen", f"127.0.0.1:{free_port()}", "--data", str(root / f"dn{i}"),
-                                       "--metanode", meta_addr, "--secret-file", str(secret)], root / f"dn{i}.log"))
+            c.start_datanode(*(dn_args(i) if dn_args else []))
         trio.run(_wait_alive, meta_url, datanodes)
         yield c
     finally:
@@ -463,7 +479,7 @@ def main() -> None:
             fio_file.unlink()
         payload = Payload(size)
         phases: dict[str, Phase] = {}
-        with cluster(root) as c:
+        with cluster(root, env={"APPENDFS_METANODE_REBALANCE_SPREAD": "0"}) as c:  # rep:1 placement is uneven by design
             pieces = {}
             for red in ("rep:1", "rep:3"):
                 phases[f"{red} write"], pieces[red] = measure(c, f"{red}-write".replace(":", ""), store_write,

@@ -17,7 +17,7 @@ from appendfs.store.placement import PolicyError, parse_policy
 
 def _policy(value: str) -> str | None:
     try:
-        p = parse_policy(value)
+        p = parse_policy(value).final
         if p.kind == "ec":
             Layout(p.data, p.parity)
     except (PolicyError, LayoutError) as exc:

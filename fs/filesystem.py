@@ -746,7 +746,7 @@ class FileSystem:
         except Exception as exc:
             log.warning("statfs: capacity unknown (%s)", exc)
             cap = {"capacity_bytes": ns.used_bytes, "used_bytes": ns.used_bytes, "free_bytes": 0}
-        policy = parse_policy(self.cfg.redundancy)
+        policy = parse_policy(self.cfg.redundancy).final  # what the bytes end as
         raw, usable = (policy.width, policy.data) if policy.kind == "ec" else (max(1, policy.width), 1)
         out = {"total_bytes": cap["capacity_bytes"] * usable // raw, "free_bytes": cap["free_bytes"] * usable // raw,
                "used_inodes": ns.used_inodes, "free_inodes": 1 << 40}
@@ -807,8 +807,8 @@ def check_policy(value: bytes) -> bytes:
     try:
         text = value.decode().strip()
         p = parse_policy(text)
-        if p.kind == "ec":
-            Layout(p.data, p.parity)  # K+M within what the erasure code supports
+        if p.final.kind == "ec":
+            Layout(p.final.data, p.final.parity)  # K+M within what the erasure code supports
     except (UnicodeDecodeError, PolicyError, LayoutError) as exc:
         raise FsError(errno.EINVAL, f"bad redundancy policy {value[:40]!r}: {exc}") from None
     return str(p).encode()

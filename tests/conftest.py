@@ -68,12 +68,12 @@ def meta_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def make_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
-    """Factory: make_cluster(meta_url, metanodes=1, datanodes=3) → a running Cluster."""
+    """Factory: make_cluster(meta_url, metanodes=1, datanodes=3, env=None) → a running Cluster."""
     made: list[Cluster] = []
 
     def make(meta_url: str, *, metanodes: int = 1, datanodes: int = 3, extent_max_bytes: int = 8 << 20,
-             datanode_args: tuple[str, ...] = ()) -> Cluster:
-        c = Cluster(tmp_path / f"cluster{len(made)}", meta_url, extent_max_bytes=extent_max_bytes)
+             datanode_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Cluster:
+        c = Cluster(tmp_path / f"cluster{len(made)}", meta_url, extent_max_bytes=extent_max_bytes, env=env)
         made.append(c)
         for _ in range(metanodes):
             c.add_metanode()

@@ -158,17 +158,17 @@ class StoreClient:
         """``length`` verified bytes at ``offset`` of the logical extent."""
         if length == 0:
             return b""
-        if "layout" in await self.extent_map(extent_id):
-            return await self._read_ec(extent_id, offset, length)
         errors: list[str] = []
         for refresh in (False, True):
             m = await self.extent_map(extent_id, refresh=refresh)
+            if "layout" in m:  # erasure-coded, maybe only since this refresh (transcoded)
+                return await self._read_ec(extent_id, offset, length)
             replicas = sorted(m["replicas"], key=lambda r: (r["state"] not in ("ok",), (r["idx"] + extent_id) % 7))
             for rep in replicas:
                 if rep["state"] in ("missing",):
                     continue
                 try:
-                    return await self._read_replica(extent_id, int(m["epoch"]), rep, offset, length)
+                    return await self._read_replica(_local(m), int(m["epoch"]), rep, offset, length)
                 except RpcError as exc:
                     errors.append(f"{rep['node_id']}: {exc}")
                     if exc.code == "stale_epoch":
@@ -178,7 +178,7 @@ class StoreClient:
                     self.stats["bad_replicas"] += 1
                     log.error("extent %d on node %s: %s — reporting and reading another replica",
                               extent_id, rep["node_id"], exc)
-                    await self._report_bad(extent_id, rep["node_id"], str(exc))
+                    await self._report_bad(_local(m), rep["node_id"], str(exc))
                 except (ConnectionLost, trio.TooSlowError) as exc:
                     errors.append(f"{rep['node_id']}: {str(exc) or 'timeout'}")
                 self.stats["read_fallbacks"] += 1
@@ -219,12 +219,12 @@ class StoreClient:
                 errors.append(f"fragment {idx}: missing")
                 return
             try:
-                out[idx] = (start, await self._read_replica(extent_id, int(m["epoch"]), rep, start, end - start))
+                out[idx] = (start, await self._read_replica(_local(m), int(m["epoch"]), rep, start, end - start))
             except RpcError as exc:
                 errors.append(f"fragment {idx} on {rep['node_id']}: {exc}")
             except BlockError as exc:
                 errors.append(f"fragment {idx} on {rep['node_id']}: corrupt ({exc})")
-                await self._bad_fragment(extent_id, rep, str(exc))
+                await self._bad_fragment(_local(m), rep, str(exc))
             except (ConnectionLost, trio.TooSlowError) as exc:
                 errors.append(f"fragment {idx} on {rep['node_id']}: {str(exc) or 'timeout'}")
         async with trio.open_nursery() as nursery:
@@ -254,12 +254,12 @@ class StoreClient:
             except ec.NotEnoughFragments as exc:
                 for i, why in exc.bad.items():
                     if records.pop(i, None) is not None:
-                        await self._bad_fragment(extent_id, frags[i], why)
+                        await self._bad_fragment(_local(m), frags[i], why)
                 if not order:
                     raise
                 continue
             for i, why in decoded.bad.items():
-                await self._bad_fragment(extent_id, frags[i], why)
+                await self._bad_fragment(_local(m), frags[i], why)
             return decoded.data
         raise ec.NotEnoughFragments(first, len(records), layout.k, {})
 
@@ -269,6 +269,7 @@ class StoreClient:
         await self._report_bad(extent_id, rep["node_id"], reason)
 
     async def _read_replica(self, extent_id: int, epoch: int, rep: dict[str, Any], offset: int, length: int) -> bytes:
+        """Verified bytes of one copy; ``extent_id`` is the id the DataNode stores it under."""
         ch = await self.pool.get(rep["address"], lane="r")
         result, data = await ch.call("read", {"extent_id": extent_id, "offset": offset, "length": length, "epoch": epoch},
                                      timeout_s=self.cfg.read_timeout_s)
@@ -319,6 +320,11 @@ class StoreClient:
                 data = results.pop(i)
                 limit.release()
                 yield data
+
+
+def _local(m: dict[str, Any]) -> int:
+    """The id DataNodes store an extent's copies under (another than its own once transcoded)."""
+    return int(m.get("local_id", m["extent_id"]))
 
 
 def _codec_of(m: dict[str, Any]) -> ec.Codec:

@@ -89,7 +89,7 @@ class ExtentStore:
                       "checksum_rejects": 0, "write_seconds": 0.0, "commit_seconds": 0.0,
                       "append_latency_seconds": 0.0,
                       # repair.py and scrub.py count here too, so /metrics shows them
-                      "rebuilds": 0, "rebuild_bytes": 0, "rebuild_read_bytes": 0, "rebuild_failures": 0,
+                      "rebuilds": 0, "rebuild_bytes": 0, "rebuild_read_bytes": 0, "rebuild_failures": 0, "transcodes": 0,
                       "scrub_bytes": 0, "scrub_extents": 0, "scrub_errors": 0, "scrub_passes": 0}
 
     # ---- start-up -------------------------------------------------------------------

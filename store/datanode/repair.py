@@ -82,6 +82,15 @@ class RebuildJob:
     layout: ec.Layout | None = None
     backend: str | None = None
     rate_bytes_s: float = 0.0
+    logical_id: int = -1  # the extent's own id (EC headers name it); extent_id is the id copies are stored under
+
+    def __post_init__(self) -> None:
+        if self.logical_id < 0:
+            object.__setattr__(self, "logical_id", self.extent_id)
+
+    @property
+    def read_id(self) -> int:
+        return self.extent_id  # every copy of an extent is stored under the same id
 
     @classmethod
     def from_args(cls, a: dict[str, Any]) -> RebuildJob:
@@ -101,7 +110,8 @@ class RebuildJob:
                 parse_host_port(s.address)  # ValueError names the bad one
             job = cls(extent_id=int(a["extent_id"]), stream_id=int(a["stream_id"]), epoch=int(a["epoch"]),
                       index=int(a["index"]), length=int(a["length"]), sources=sources, layout=layout,
-                      backend=backend, rate_bytes_s=float(a.get("rate_bytes_s") or 0))
+                      backend=backend, rate_bytes_s=float(a.get("rate_bytes_s") or 0),
+                      logical_id=int(a.get("logical_id", a["extent_id"])))
         except ec.LayoutError as exc:
             raise RpcError("bad_request", f"malformed rebuild request: {exc}") from None
         except (KeyError, ValueError, TypeError) as exc:
@@ -122,7 +132,61 @@ class RebuildJob:
     @property
     def what(self) -> str:
         kind = f"fragment {self.index}" if self.layout else f"replica {self.index}"
-        return f"extent {self.extent_id} {kind}"
+        return f"extent {self.logical_id} {kind}"
+
+
+@dataclass(frozen=True)
+class TranscodeJob:
+    """``transcode``: encode a sealed replicated extent into K+M fragments on ``targets``."""
+
+    extent_id: int  # the logical extent (EC headers name it)
+    stream_id: int
+    epoch: int
+    length: int  # its logical (sealed) length
+    read_id: int  # the id its replicas are stored under
+    local_id: int  # the id the fragments are created under (another: a node may hold both)
+    sources: tuple[Source, ...]  # replicas
+    targets: tuple[Source, ...]  # idx = fragment index, one per index 0..K+M-1
+    layout: ec.Layout
+    backend: str
+    rate_bytes_s: float = 0.0
+
+    @property
+    def logical_id(self) -> int:
+        return self.extent_id
+
+    @property
+    def what(self) -> str:
+        return f"extent {self.extent_id} (transcoding to ec:{self.layout.k}+{self.layout.m})"
+
+    @classmethod
+    def from_args(cls, a: dict[str, Any]) -> TranscodeJob:
+        try:
+            lay = a["layout"]
+            layout = ec.Layout(int(lay["k"]), int(lay["m"]), int(lay["cell_bytes"]))
+            backend = str(lay["backend"])
+            if backend not in ec.BACKEND_CODES:
+                raise ValueError(f"unknown EC backend {backend!r}")
+
+            def peers(key: str) -> tuple[Source, ...]:
+                out = tuple(Source(int(s.get("idx", 0)), str(s.get("node_id") or s["address"]), str(s["address"]))
+                            for s in a.get(key) or [])
+                for p in out:
+                    parse_host_port(p.address)
+                return out
+            job = cls(extent_id=int(a["extent_id"]), stream_id=int(a["stream_id"]), epoch=int(a["epoch"]),
+                      length=int(a["length"]), read_id=int(a.get("read_id", a["extent_id"])),
+                      local_id=int(a["local_id"]), sources=peers("sources"), targets=peers("targets"),
+                      layout=layout, backend=backend, rate_bytes_s=float(a.get("rate_bytes_s") or 0))
+        except ec.LayoutError as exc:
+            raise RpcError("bad_request", f"malformed transcode request: {exc}") from None
+        except (KeyError, ValueError, TypeError) as exc:
+            raise RpcError("bad_request", f"malformed transcode request: {exc!r}") from None
+        if sorted(t.idx for t in job.targets) != list(range(layout.width)):
+            raise RpcError("bad_request", f"transcode: targets must be fragments 0..{layout.width - 1}, one each")
+        if job.length < 0 or job.epoch < 1 or job.rate_bytes_s < 0 or job.local_id == job.read_id:
+            raise RpcError("bad_request", "transcode: bad length, epoch, rate, or local_id equal to read_id")
+        return job
 
 
 class _Started:
@@ -139,7 +203,7 @@ class _Failed(Exception):
 class _Run:
     """State of one rebuild job: its rate limit, byte count and the sources that failed."""
 
-    def __init__(self, job: RebuildJob, chunk_bytes: int) -> None:
+    def __init__(self, job: RebuildJob | TranscodeJob, chunk_bytes: int) -> None:
         self.job = job
         self.bucket = TokenBucket(job.rate_bytes_s, chunk_bytes, trio.current_time())
         self.read_bytes = 0
@@ -235,7 +299,7 @@ class Rebuilder:
         """[offset, offset+length) of the extent on ``src``, verified against its block entries."""
         await run.bucket.acquire(length)
         ch = await self.pool.get(src.address)
-        result, data = await ch.call("read", {"extent_id": run.job.extent_id, "offset": offset, "length": length},
+        result, data = await ch.call("read", {"extent_id": run.job.read_id, "offset": offset, "length": length},
                                      timeout_s=self.call_timeout_s)
         run.read_bytes += len(data)
         start = int(result["start"])
@@ -251,9 +315,10 @@ class Rebuilder:
         run.fail(src, why)
         log.warning("rebuild of %s: source %s failed at %d: %s", run.job.what, src, offset, why)
         if isinstance(exc, BlockError | ec.CorruptFragment) and self.report_bad is not None:
-            self.report_bad(run.job.extent_id, src.node_id, f"rebuild on another node read: {why}")
+            self.report_bad(run.job.read_id, src.node_id, f"rebuild on another node read: {why}")
 
     async def _append(self, run: _Run, offset: int, data: bytes) -> None:
+        assert isinstance(run.job, RebuildJob)
         await self.store.append(run.job.extent_id, offset, data, checksum(data), _Started())
 
     # ---- copy -------------------------------------------------------------------------
@@ -290,6 +355,7 @@ class Rebuilder:
 
     async def _rebuild_ec(self, run: _Run) -> None:
         job = run.job
+        assert isinstance(job, RebuildJob)
         layout = job.layout
         assert layout is not None and job.backend is not None
         same = [s for s in job.sources if s.idx == job.index]
@@ -315,6 +381,7 @@ class Rebuilder:
     def _record_check(self, run: _Run) -> Callable[[int, bytes], None]:
         """Refuse a copied run of records unless each is fragment ``index``'s record of its stripe."""
         job = run.job
+        assert isinstance(job, RebuildJob)
         layout = job.layout
         assert layout is not None
 
@@ -322,7 +389,7 @@ class Rebuilder:
             rb = layout.record_bytes
             stripe0 = offset // rb
             for j in range(len(data) // rb):
-                h = ec.check_record(layout, memoryview(data)[j * rb:(j + 1) * rb], extent_id=job.extent_id,
+                h = ec.check_record(layout, memoryview(data)[j * rb:(j + 1) * rb], extent_id=job.logical_id,
                                     stripe=stripe0 + j, index=job.index)
                 if h.backend != job.backend:
                     raise ec.CorruptFragment(job.index, stripe0 + j, f"record of backend {h.backend}, "
@@ -332,6 +399,7 @@ class Rebuilder:
     async def _reconstruct(self, run: _Run, sources: list[Source], first: int, count: int) -> bytes:
         """Fragment ``index``'s records of stripes [first, first+count) from K other fragments."""
         job = run.job
+        assert isinstance(job, RebuildJob)
         layout = job.layout
         assert layout is not None and job.backend is not None
         if run.codec is None:
@@ -367,7 +435,7 @@ class Rebuilder:
                         nursery.start_soon(fetch, src)
                 continue
             try:
-                out = run.codec.rebuild(records, missing=job.index, extent_id=job.extent_id, first_stripe=first)
+                out = run.codec.rebuild(records, missing=job.index, extent_id=job.logical_id, first_stripe=first)
             except ec.NotEnoughFragments as exc:
                 dropped = [i for i in exc.bad if i in records]
                 if not dropped:
@@ -382,6 +450,96 @@ class Rebuilder:
                 raise _Failed(f"reconstruction of stripes {first}..{first + count - 1} gave {len(out)} bytes, "
                               f"not {size}")
             return out
+
+
+class Transcoder:
+    """Runs ``transcode`` jobs: this DataNode reads the replicated extent once (from any
+    replica, verified), encodes runs of whole stripes and appends each fragment's records
+    to its target DataNode, all targets at once; then seals every fragment. Stripes are
+    all full but the last, so logical offsets are unchanged (DESIGN §8)."""
+
+    def __init__(self, rebuilder: Rebuilder) -> None:
+        self.r = rebuilder
+
+    async def transcode(self, job: TranscodeJob) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        run = _Run(job, self.r.chunk_bytes)
+        lay = job.layout
+        try:
+            codec = ec.Codec(lay, job.backend)
+        except ec.EcError as exc:
+            raise RpcError("unavailable", f"cannot encode {job.what} here: {exc}") from None
+        created: list[Source] = []
+        try:
+            async def create(t: Source) -> None:
+                args = {"extent_id": job.local_id, "stream_id": job.stream_id, "epoch": job.epoch, "index": t.idx}
+                try:
+                    await self._call(t, "create", args)
+                except RpcError as exc:
+                    if exc.code != "exists":
+                        raise
+                    # left by an earlier attempt that died: this id is only ever this job's
+                    await self._call(t, "delete", {"extent_id": job.local_id})
+                    await self._call(t, "create", args)
+                created.append(t)
+            await self._each(job.targets, create)
+            per_run = max(1, self.r.chunk_bytes // lay.stripe_bytes)
+            stripes = lay.stripe_count(job.length)
+            first = 0
+            while first < stripes:
+                count = min(per_run, stripes - first)
+                lo = first * lay.stripe_bytes
+                hi = min(job.length, (first + count) * lay.stripe_bytes)
+                data = await self._read_any(run, lo, hi - lo)
+                frags = codec.encode(data, extent_id=job.extent_id, first_stripe=first)
+                at = lay.record_span(first, count)[0]
+
+                async def append(t: Source, frags: list[bytes] = frags, at: int = at) -> None:
+                    frag = frags[t.idx]
+                    await self._call(t, "append", {"extent_id": job.local_id, "offset": at, "xxh3": checksum(frag)},
+                                     frag)
+                await self._each(job.targets, append)
+                first += count
+            end = lay.fragment_length(job.length)
+
+            async def seal(t: Source) -> None:
+                await self._call(t, "seal", {"extent_id": job.local_id, "length": end})
+            await self._each(job.targets, seal)
+        except BaseException as exc:
+            self.r.store.stats["rebuild_failures"] += 1
+            with trio.CancelScope(shield=True):
+                for t in created:
+                    try:
+                        await self._call(t, "delete", {"extent_id": job.local_id})
+                    except (RpcError, ConnectionLost, trio.TooSlowError) as err:
+                        log.warning("%s: could not delete the partial fragment on %s: %s", job.what, t, err)
+            if isinstance(exc, _Failed | RpcError | ConnectionLost | trio.TooSlowError):
+                log.error("%s failed: %s", job.what, exc)
+                raise RpcError("unavailable", f"{job.what}: {_describe(exc)}") from None
+            raise
+        seconds = time.perf_counter() - t0
+        self.r.store.stats["transcodes"] += 1
+        log.info("%s: %d bytes into %d fragments in %.2f s", job.what, job.length, lay.width, seconds)
+        return {"length": job.length, "read_bytes": run.read_bytes, "seconds": seconds}
+
+    async def _read_any(self, run: _Run, offset: int, length: int) -> bytes:
+        sources = list(run.job.sources)
+        for src in run.ranked(sources):
+            try:
+                return await self.r._read(run, src, offset, length)
+            except _SOURCE_ERRORS as exc:
+                self.r._failed(run, src, offset, exc)
+        raise _Failed(f"no replica returned verified bytes for [{offset}, {offset + length}): {run.why(sources)}")
+
+    async def _call(self, t: Source, op: str, args: dict[str, Any], data: bytes = b"") -> None:
+        ch = await self.r.pool.get(t.address)
+        await ch.call(op, args, data, timeout_s=self.r.call_timeout_s)
+
+    @staticmethod
+    async def _each(targets: tuple[Source, ...], fn: Callable[[Source], Any]) -> None:
+        async with trio.open_nursery() as nursery:
+            for t in targets:
+                nursery.start_soon(fn, t)
 
 
 def _describe(exc: BaseException) -> str:

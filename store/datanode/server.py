@@ -12,7 +12,12 @@ Requests (op → args → result; bulk data raw in the frame):
     ping    {}                                               → {node_id, usage}
     rebuild {extent_id, stream_id, epoch, index, length,     → {length, read_bytes, seconds}
              sources: [{idx, node_id, address}],
-             layout: {k, m, cell_bytes, backend} | absent, rate_bytes_s}
+             layout: {k, m, cell_bytes, backend} | absent, rate_bytes_s,
+             logical_id?}  (extent_id: the id copies are stored under)
+    transcode {extent_id, stream_id, epoch, length, read_id,  → {length, read_bytes, seconds}
+               local_id, sources: [replicas], targets: [{idx, node_id, address}],
+               layout, rate_bytes_s}   (encode a sealed replicated extent into K+M
+               fragments created under local_id on the targets; repair.Transcoder)
 
 The node never talks to SQL (DESIGN §7): it heartbeats to the MetaNode addresses it was
 given, follows "not leader, go to X" redirects, and reconciles extents that were open at
@@ -32,7 +37,7 @@ import trio
 from appendfs.store.datanode.backend import ExtentMeta
 from appendfs.store.datanode.config import DataNodeConfig
 from appendfs.store.datanode.extents import ExtentError, ExtentStore
-from appendfs.store.datanode.repair import Rebuilder, RebuildJob
+from appendfs.store.datanode.repair import Rebuilder, RebuildJob, TranscodeJob, Transcoder
 from appendfs.store.datanode.scrub import Scrubber
 from appendfs.store.identity import NodeIdentity
 from appendfs.store.rpc import (
@@ -121,6 +126,10 @@ class DataNode:
                 if self.rebuilder is None:
                     raise RpcError("unavailable", "this DataNode is still starting")
                 return await self.rebuilder.rebuild(RebuildJob.from_args(a)), b""
+            if req.op == "transcode":
+                if self.rebuilder is None:
+                    raise RpcError("unavailable", "this DataNode is still starting")
+                return await Transcoder(self.rebuilder).transcode(TranscodeJob.from_args(a)), b""
         except ExtentError as exc:
             raise RpcError(exc.code, exc.message, **exc.details) from None
         except (KeyError, ValueError, TypeError) as exc:

@@ -38,8 +38,8 @@ from sqlalchemy.engine import Connection
 
 from appendfs.store import ec
 from appendfs.store.metanode import plan
-from appendfs.store.metanode.schema import extent, node, replica
-from appendfs.store.placement import parse_policy
+from appendfs.store.metanode.schema import extent, node, replica, stream
+from appendfs.store.placement import local_id, logical_id, parse_policy
 from appendfs.store.rpc import ConnectionLost, RpcError
 
 if TYPE_CHECKING:
@@ -51,9 +51,12 @@ log = logging.getLogger(__name__)
 def extent_views(c: Connection, where: Any = None) -> list[plan.ExtentView]:
     """Every sealed extent (or those matching ``where``) with its copies, in one query."""
     q = (sa.select(extent.c.extent_id, extent.c.stream_id, extent.c.redundancy, extent.c.ec_backend,
-                   extent.c.ec_cell_bytes, extent.c.sealed_length, extent.c.placement_epoch,
+                   extent.c.ec_cell_bytes, extent.c.sealed_length, extent.c.placement_epoch, extent.c.local_id,
+                   stream.c.redundancy.label("stream_redundancy"), stream.c.ec_backend.label("stream_backend"),
+                   stream.c.ec_cell_bytes.label("stream_cell_bytes"),
                    replica.c.idx, replica.c.node_id, replica.c.state)
-         .select_from(extent.outerjoin(replica, replica.c.extent_id == extent.c.extent_id))
+         .select_from(extent.join(stream, stream.c.stream_id == extent.c.stream_id)
+                      .outerjoin(replica, replica.c.extent_id == extent.c.extent_id))
          .where(extent.c.state == "sealed" if where is None else where)
          .order_by(extent.c.extent_id))
     views: dict[int, plan.ExtentView] = {}
@@ -62,8 +65,12 @@ def extent_views(c: Connection, where: Any = None) -> list[plan.ExtentView]:
         if v is None:
             policy = parse_policy(r.redundancy)
             layout = None if r.ec_backend is None else ec.Layout(policy.data, policy.parity, int(r.ec_cell_bytes))
-            v = views[r.extent_id] = plan.ExtentView(int(r.extent_id), int(r.stream_id), policy, layout, r.ec_backend,
-                                                     int(r.sealed_length or 0), int(r.placement_epoch))
+            then = parse_policy(r.stream_redundancy).then
+            v = views[r.extent_id] = plan.ExtentView(
+                int(r.extent_id), int(r.stream_id), policy, layout, r.ec_backend, int(r.sealed_length or 0),
+                int(r.placement_epoch), local_id=int(r.local_id if r.local_id is not None else r.extent_id),
+                then=then, then_backend=r.stream_backend if then else None,
+                then_cell_bytes=int(r.stream_cell_bytes) if then and r.stream_cell_bytes else None)
         if r.idx is not None:
             v.copies.append(plan.Copy(int(r.idx), r.node_id, r.state))
     return list(views.values())
@@ -74,17 +81,18 @@ class Maintainer:
         self.meta = meta
         self.cfg = meta.cfg
         self.rng = random.Random()
-        self.queue: list[plan.Move] = []
-        self.running: dict[int, plan.Move] = {}  # extent id → move in progress
-        self.deletes: list[tuple[float, str, int]] = []  # (due, node id, extent id)
+        self.queue: list[plan.Move | plan.Transcode] = []
+        self.running: dict[int, plan.Move | plan.Transcode] = {}  # extent id → move in progress
+        self.deletes: list[tuple[float, str, int]] = []  # (due, node id, DataNode id of the copy)
         self.sweep: set[str] = set()  # nodes whose orphans to delete
         self.stuck: list[str] = []
         self.imbalance = 0.0
         self.wake = trio.Event()
-        self.stats = {"repairs": 0, "drain_moves": 0, "rebalance_moves": 0, "moved_bytes": 0, "move_failures": 0,
-                      "orphans_deleted": 0}
+        self.stats = {"repairs": 0, "drain_moves": 0, "rebalance_moves": 0, "transcodes": 0, "moved_bytes": 0,
+                      "move_failures": 0, "orphans_deleted": 0}
         self.last_error: str | None = None
         self.started_at = math.inf
+        self.backoff: dict[int, tuple[float, int]] = {}  # extent id → (not before, failures in a row)
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -109,14 +117,21 @@ class Maintainer:
         views, states = await self.meta._read(lambda c: (extent_views(c), _node_states(c)))
         self.meta.node_states = states
         nodes = self.node_views(states)
-        busy = frozenset(self.running)
+        now = trio.current_time()
+        self.backoff = {e: b for e, b in self.backoff.items() if b[0] > now - 600}
+        busy = frozenset(self.running) | {e for e, (until, _) in self.backoff.items() if until > now}
         moves, self.stuck = plan.plan_repairs(views, nodes, self.rng, skip=busy)
-        if moves:
-            self.queue = moves
+        work: list[plan.Move | plan.Transcode] = list(moves)
+        if not work:
+            transcodes, stuck = plan.plan_transcodes(views, nodes, self.rng, skip=busy)
+            work, self.stuck = list(transcodes), self.stuck + stuck
+        if work:
+            self.queue = work
         elif self.running:  # rebalance moves were planned together: finish them before replanning
             self.queue = [m for m in self.queue if m.kind == "rebalance"]
         else:
-            self.queue = plan.plan_rebalance(views, nodes, self.cfg.rebalance_spread)
+            self.queue = [m for m in plan.plan_rebalance(views, nodes, self.cfg.rebalance_spread)
+                          if m.extent.extent_id not in busy]
         self.imbalance = plan.imbalance(views, nodes)
         await self._finish_drains(states, views)
         while self.queue and free.value > 0:
@@ -149,17 +164,30 @@ class Maintainer:
 
     # ---- one move -------------------------------------------------------------------
 
-    async def _work(self, mv: plan.Move, free: trio.Semaphore) -> None:
+    async def _work(self, mv: plan.Move | plan.Transcode, free: trio.Semaphore) -> None:
         e = mv.extent
         try:
-            await self._move(mv)
-            self.stats["repairs" if mv.kind == "repair" else f"{mv.kind}_moves"] += 1
-            self.stats["moved_bytes"] += e.stored_length
-            log.info("%s: extent %d slot %d now on %s (%s)%s", mv.kind, e.extent_id, mv.idx, mv.target.node_id,
-                     mv.reason, " in place" if mv.in_place else "")
+            if isinstance(mv, plan.Transcode):
+                await self._transcode(mv)
+                self.stats["transcodes"] += 1
+                self.stats["moved_bytes"] += e.sealed_length
+                log.info("transcoded extent %d to %s on %s", e.extent_id, e.then,
+                         " ".join(t.node_id for t in mv.targets))
+            else:
+                await self._move(mv)
+                self.stats["repairs" if mv.kind == "repair" else f"{mv.kind}_moves"] += 1
+                self.stats["moved_bytes"] += e.stored_length
+                log.info("%s: extent %d slot %d now on %s (%s)%s", mv.kind, e.extent_id, mv.idx, mv.target.node_id,
+                         mv.reason, " in place" if mv.in_place else "")
+            self.backoff.pop(e.extent_id, None)
         except (RpcError, ConnectionLost, trio.TooSlowError) as exc:
+            # Not again at once: the next round would plan the same move (maybe to the same
+            # unreachable node) in a tight loop. 1, 2, 4 ... 60 s.
+            failures = self.backoff.get(e.extent_id, (0.0, 0))[1] + 1
+            self.backoff[e.extent_id] = (trio.current_time() + min(60.0, 2.0 ** (failures - 1)), failures)
             self.stats["move_failures"] += 1
-            self.last_error = f"{mv.kind} of extent {e.extent_id} slot {mv.idx} to {mv.target.node_id}: {exc}"
+            where = "" if isinstance(mv, plan.Transcode) else f" slot {mv.idx} to {mv.target.node_id}"
+            self.last_error = f"{mv.kind} of extent {e.extent_id}{where}: {exc}"
             log.error("%s", self.last_error)
         finally:
             del self.running[e.extent_id]
@@ -170,8 +198,8 @@ class Maintainer:
         e = mv.extent
         addresses = {n.node_id: n.address for n in self.meta.nodes.values()}
         rate = int(self.cfg.repair_bytes_s / self.cfg.repair_parallel)
-        args = {"extent_id": e.extent_id, "stream_id": e.stream_id, "epoch": e.epoch + 1, "index": mv.idx,
-                "length": e.stored_length, "rate_bytes_s": rate,
+        args = {"extent_id": e.local_id, "logical_id": e.extent_id, "stream_id": e.stream_id, "epoch": e.epoch + 1,
+                "index": mv.idx, "length": e.stored_length, "rate_bytes_s": rate,
                 "sources": [{"idx": s.idx, "node_id": s.node_id, "address": addresses.get(s.node_id, "")}
                             for s in mv.sources if s.node_id in addresses],
                 "layout": None if e.layout is None else {"k": e.layout.k, "m": e.layout.m,
@@ -196,10 +224,53 @@ class Maintainer:
             await self.meta._write(switch)
         except RpcError:
             if not mv.in_place:
-                self._delete_later(mv.target.node_id, e.extent_id, 0.0)
+                self._delete_later(mv.target.node_id, e.local_id, 0.0)
             raise
         if mv.old is not None and not mv.in_place:
-            self._delete_later(mv.old.node_id, e.extent_id, self.cfg.delete_grace_s)
+            self._delete_later(mv.old.node_id, e.local_id, self.cfg.delete_grace_s)
+
+    async def _transcode(self, tc: plan.Transcode) -> None:
+        """Encode a replicated extent into K+M fragments (a replica holder coordinates: it
+        reads the bytes once), then switch the extent to EC in one transaction."""
+        e, then = tc.extent, tc.extent.then
+        assert then is not None and e.then_backend is not None and e.then_cell_bytes is not None
+        addresses = {n.node_id: n.address for n in self.meta.nodes.values()}
+        new_id = local_id(e.extent_id, 1)
+        rate = int(self.cfg.repair_bytes_s / self.cfg.repair_parallel)
+        args = {"extent_id": e.extent_id, "stream_id": e.stream_id, "epoch": e.epoch + 1, "length": e.sealed_length,
+                "read_id": e.local_id, "local_id": new_id, "rate_bytes_s": rate,
+                "sources": [{"idx": s.idx, "node_id": s.node_id, "address": addresses[s.node_id]}
+                            for s in tc.sources if s.node_id in addresses],
+                "targets": [{"idx": i, "node_id": t.node_id, "address": t.address} for i, t in enumerate(tc.targets)],
+                "layout": {"k": then.data, "m": then.parity, "cell_bytes": e.then_cell_bytes,
+                           "backend": e.then_backend}}
+        if not args["sources"]:
+            raise RpcError("unavailable", f"no live replica of extent {e.extent_id} to transcode from")
+        pool = self.meta._pool
+        assert pool is not None
+        ch = await pool.get(str(args["sources"][0]["address"]))  # type: ignore[index]
+        await ch.call("transcode", args, timeout_s=60.0 + 3.0 * e.sealed_length / max(rate, 1))
+
+        def switch(c: Connection) -> None:
+            res = c.execute(extent.update().where(extent.c.extent_id == e.extent_id,
+                                                  extent.c.placement_epoch == e.epoch,
+                                                  extent.c.redundancy == str(e.policy))
+                            .values(placement_epoch=e.epoch + 1, redundancy=str(then), ec_backend=e.then_backend,
+                                    ec_cell_bytes=e.then_cell_bytes, local_id=new_id))
+            if res.rowcount != 1:
+                raise RpcError("conflict", f"extent {e.extent_id} was re-placed meanwhile")
+            c.execute(replica.delete().where(replica.c.extent_id == e.extent_id))
+            for i, t in enumerate(tc.targets):
+                c.execute(replica.insert().values(extent_id=e.extent_id, idx=i, node_id=t.node_id,
+                                                  device_id=t.device_id, state="ok", reason=None))
+        try:
+            await self.meta._write(switch)
+        except RpcError:
+            for t in tc.targets:
+                self._delete_later(t.node_id, new_id, 0.0)
+            raise
+        for c in e.copies:  # the replicas, once readers with the old map are done with them
+            self._delete_later(c.node_id, e.local_id, self.cfg.delete_grace_s)
 
     # ---- deletes and orphans --------------------------------------------------------
 
@@ -213,31 +284,36 @@ class Maintainer:
         for _, node_id, extent_id in due:
             await self._delete_if_unplaced(node_id, [extent_id])
 
-    async def _delete_if_unplaced(self, node_id: str, extent_ids: list[int]) -> None:
-        """Delete those of ``extent_ids`` on ``node_id`` that are sealed extents no replica row
-        places there (and that no move is working on)."""
+    async def _delete_if_unplaced(self, node_id: str, ids: list[int]) -> None:
+        """Delete the copies ``ids`` (DataNode ids) on ``node_id`` that belong to sealed extents
+        but are not in use there: no replica row places the extent on that node, or the
+        extent's copies are stored under another id now (a replica after transcoding). Copies
+        of extents a move is working on are left alone."""
         live = self.meta.nodes.get(node_id)
-        if live is None or not extent_ids:
+        if live is None or not ids:
             return
+        logical = {i: logical_id(i) for i in ids}
 
         def unplaced(c: Connection) -> list[int]:
-            sealed = {int(r[0]) for r in c.execute(sa.select(extent.c.extent_id).where(
-                extent.c.extent_id.in_(extent_ids), extent.c.state == "sealed"))}
+            current = {int(r[0]): int(r[1]) for r in c.execute(
+                sa.select(extent.c.extent_id, sa.func.coalesce(extent.c.local_id, extent.c.extent_id))
+                .where(extent.c.extent_id.in_(set(logical.values())), extent.c.state == "sealed"))}
             placed = {int(r[0]) for r in c.execute(sa.select(replica.c.extent_id).where(
-                replica.c.extent_id.in_(extent_ids), replica.c.node_id == node_id))}
-            return sorted(sealed - placed)
+                replica.c.extent_id.in_(set(logical.values())), replica.c.node_id == node_id))}
+            return sorted(i for i, e in logical.items() if e in current and (e not in placed or current[e] != i))
         pool = self.meta._pool
         assert pool is not None
-        for extent_id in await self.meta._read(unplaced):
-            if extent_id in self.running:
+        for local in await self.meta._read(unplaced):
+            if logical[local] in self.running:
                 continue
             try:
                 ch = await pool.get(live.address)
-                await ch.call("delete", {"extent_id": extent_id}, timeout_s=self.cfg.create_timeout_s)
+                await ch.call("delete", {"extent_id": local}, timeout_s=self.cfg.create_timeout_s)
                 self.stats["orphans_deleted"] += 1
-                log.info("deleted extent %d on %s: it is placed elsewhere now", extent_id, node_id)
+                log.info("deleted copy %x of extent %d on %s: not in use there any more", local, logical[local],
+                         node_id)
             except (RpcError, ConnectionLost, trio.TooSlowError) as exc:
-                log.warning("could not delete extent %d on %s: %s", extent_id, node_id, exc)
+                log.warning("could not delete copy %x on %s: %s", local, node_id, exc)
 
     async def _sweep_orphans(self, node_id: str) -> None:
         live = self.meta.nodes.get(node_id)
@@ -271,9 +347,14 @@ class Maintainer:
     # ---- status ---------------------------------------------------------------------
 
     def progress(self) -> dict[str, Any]:
-        return {"queued": len(self.queue), "running": [
-                    {"kind": m.kind, "extent_id": m.extent.extent_id, "idx": m.idx, "target": m.target.node_id,
-                     "bytes": m.extent.stored_length, "reason": m.reason} for m in self.running.values()],
+        def one(m: plan.Move | plan.Transcode) -> dict[str, Any]:
+            if isinstance(m, plan.Transcode):
+                return {"kind": m.kind, "extent_id": m.extent.extent_id, "idx": None,
+                        "target": ",".join(t.node_id for t in m.targets), "bytes": m.extent.sealed_length,
+                        "reason": f"{m.extent.policy} -> {m.extent.then}"}
+            return {"kind": m.kind, "extent_id": m.extent.extent_id, "idx": m.idx, "target": m.target.node_id,
+                    "bytes": m.extent.stored_length, "reason": m.reason}
+        return {"queued": len(self.queue), "running": [one(m) for m in self.running.values()],
                 "stuck": self.stuck[:20], "last_error": self.last_error, "imbalance": round(self.imbalance, 3),
                 "limit_bytes_s": self.cfg.repair_bytes_s, **self.stats}
 

@@ -14,7 +14,11 @@ Three kinds, in priority order:
   (silent longer than ``repair_after_s``) or removed. Extents closest to loss go first.
   A corrupt copy on a live node with no other place to go is rewritten *in place*.
 * **drain** — a slot is on a DataNode being drained: copied away while it still serves.
-* **rebalance** — only when there is no repair or drain work: sealed, healthy extents move
+* **transcode** — a sealed, healthy extent of a ``rep:N>ec:K+M`` stream still replicated
+  is encoded into K+M fragments on K+M nodes (distinct failure domains; nodes holding a
+  replica may take a fragment: fragments are stored under another DataNode id,
+  ``placement.local_id(extent, 1)``), then switched to EC in one transaction.
+* **rebalance** — only when there is no repair, drain or transcode work: sealed, healthy extents move
   from the DataNodes above their share of the stored bytes to those below, until every
   node is within ``spread`` of its share (share = total * its capacity / all capacity).
   Each move goes from the most-over to the most-under node and is taken only if it
@@ -55,6 +59,18 @@ class ExtentView:
     sealed_length: int
     epoch: int
     copies: list[Copy] = field(default_factory=list)
+    local_id: int = -1  # the id DataNodes store its copies under (its own id until transcoded)
+    then: Policy | None = None  # rep:N>ec:K+M streams: the EC policy it is to be transcoded to
+    then_backend: str | None = None
+    then_cell_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.local_id < 0:
+            self.local_id = self.extent_id
+
+    @property
+    def to_transcode(self) -> bool:
+        return self.then is not None and self.policy.kind == "rep" and self.then.kind == "ec"
 
     @property
     def stored_length(self) -> int:
@@ -206,6 +222,40 @@ def plan_repairs(extents: Iterable[ExtentView], nodes: dict[str, NodeView], rng:
             break  # one move per extent per round: the next round sees the new placement
     repairs.sort(key=lambda hm: (hm[0] - hm[1].extent.needed, hm[1].extent.extent_id))
     return ([m for _, m in repairs] + drains)[:limit], stuck
+
+
+@dataclass
+class Transcode:
+    """Encode replicated ``extent`` into fragments ``targets[i]`` = fragment i."""
+
+    extent: ExtentView
+    targets: list[NodeView]
+    sources: list[Copy]
+    kind: str = "transcode"
+    reason: str = "sealed under rep>ec"
+
+
+def plan_transcodes(extents: Iterable[ExtentView], nodes: dict[str, NodeView], rng: random.Random,
+                    skip: frozenset[int] = frozenset(), limit: int = 64) -> tuple[list[Transcode], list[str]]:
+    """Transcodes of healthy sealed extents of ``rep:N>ec:K+M`` streams (oldest first), and a
+    line for each that has too few DataNodes to go to."""
+    out: list[Transcode] = []
+    stuck: list[str] = []
+    for e in extents:
+        if len(out) >= limit:
+            break
+        if not e.to_transcode or e.extent_id in skip or health(e, nodes) != "healthy":
+            continue
+        assert e.then is not None
+        cands = [Candidate(n.device_id, n.node_id, n.address, n.failure_domain, n.free_bytes)
+                 for n in sorted(nodes.values(), key=lambda n: n.node_id) if n.takes_new]
+        chosen = choose(cands, e.then.width, rng)
+        if len(chosen) < e.then.width:
+            stuck.append(f"extent {e.extent_id}: {e.then} needs {e.then.width} DataNodes in distinct failure "
+                         f"domains, {len(chosen)} can take fragments")
+            continue
+        out.append(Transcode(e, [nodes[c.node_id] for c in chosen], _sources(e, nodes, None)))
+    return out, stuck
 
 
 def stored_by_node(extents: Iterable[ExtentView]) -> dict[str, int]:

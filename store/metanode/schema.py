@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from appendfs.errors import NotFormatted, VersionMismatch
 
 #: Bump when a table or column changes meaning; `format` writes it, daemons check it.
-CLUSTER_SCHEMA_VERSION = 2  # 2: stream/extent ec_backend, ec_cell_bytes
+CLUSTER_SCHEMA_VERSION = 3  # 2: stream/extent ec_backend, ec_cell_bytes; 3: extent local_id
 
 md = sa.MetaData()
 
@@ -96,6 +96,10 @@ extent = sa.Table(
               comment="copied from the stream (NULL for rep); sealed_length is the LOGICAL end, each fragment "
                       "file is ec.Layout.fragment_length(sealed_length) long"),
     sa.Column("placement_epoch", sa.Integer, nullable=False, comment="bumped whenever replica rows change; clients refresh on stale epochs"),
+    sa.Column("local_id", sa.BigInteger, nullable=True,
+              comment="the id DataNodes store this extent's copies under; NULL = extent_id. Transcoding writes the "
+                      "new fragments under another id (store.placement.local_id) so a node may hold an old replica "
+                      "and a new fragment of one extent at once"),
     sa.Column("created_ns", sa.BigInteger, nullable=False, comment="allocation time"),
     sa.UniqueConstraint("stream_id", "seq"),
     comment="extents: the unit of allocation, sealing and repair",
@@ -132,8 +136,10 @@ def create_schema(engine: Engine) -> None:
             c.execute(store_schema.insert().values(id=1, version=CLUSTER_SCHEMA_VERSION))
             for name in ("stream", "extent"):
                 c.execute(store_counter.insert().values(name=name, next_value=1))
-        elif row.version == 1:
-            _upgrade_1_to_2(c)
+        elif row.version in (1, 2):
+            if row.version == 1:
+                _upgrade_1_to_2(c)
+            _upgrade_2_to_3(c)
         elif row.version != CLUSTER_SCHEMA_VERSION:
             raise VersionMismatch("cluster schema", CLUSTER_SCHEMA_VERSION, row.version)
 
@@ -144,6 +150,12 @@ def _upgrade_1_to_2(c: Any) -> None:
         c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN ec_backend VARCHAR(32)"))
         c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN ec_cell_bytes INTEGER"))
     c.execute(store_schema.update().values(version=2))
+
+
+def _upgrade_2_to_3(c: Any) -> None:
+    """Version 2 had no local ids (NULL = extent_id, which every v2 copy is stored under)."""
+    c.execute(sa.text("ALTER TABLE extent ADD COLUMN local_id BIGINT"))
+    c.execute(store_schema.update().values(version=3))
 
 
 def check_schema(engine: Engine) -> None:

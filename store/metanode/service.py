@@ -42,7 +42,7 @@ from appendfs.store.metanode import plan
 from appendfs.store.metanode.config import MetaNodeConfig
 from appendfs.store.metanode.maintain import Maintainer, extent_views
 from appendfs.store.metanode.schema import device, extent, node, replica, store_counter, stream
-from appendfs.store.placement import Candidate, PolicyError, choose, parse_policy
+from appendfs.store.placement import Candidate, PolicyError, choose, logical_id, parse_policy
 from appendfs.store.rpc import (
     ChannelPool,
     ClusterAuth,
@@ -221,7 +221,15 @@ class MetaNode:
             policy = parse_policy(redundancy)
         except PolicyError as exc:
             raise RpcError("bad_request", str(exc)) from None
-        if policy.kind == "ec":
+        if policy.then is not None:
+            # rep:N>ec:K+M: DataNodes encode when the maintainer transcodes, with the backend
+            # this leader chooses now (recorded with the stream, read back by every decoder).
+            try:
+                ec_backend = ec.choose_backend(policy.then.data, policy.then.parity).name
+                ec_cell_bytes = ec.Layout(policy.then.data, policy.then.parity).cell_bytes
+            except ec.EcError as exc:
+                raise RpcError("bad_request", f"cannot keep {policy.then}: {exc}") from None
+        elif policy.kind == "ec":
             # The client encodes, so it names the backend and cell size; we only check them
             # (a reader decodes with what is recorded here, never its own preference).
             if ec_backend not in ec.BACKEND_CODES:
@@ -342,10 +350,11 @@ class MetaNode:
             if last is not None and last.state == "open":
                 raise RpcError("conflict", f"stream {stream_id} still has an open extent: seal it first")
             seq = 0 if last is None else last.seq + 1
+            coded = policy.kind == "ec"  # not for rep:N>ec:K+M: its extents are written replicated
             c.execute(extent.insert().values(extent_id=extent_id, stream_id=stream_id, seq=seq, state="open",
-                                             sealed_length=None, redundancy=str(policy), placement_epoch=1,
-                                             created_ns=time.time_ns(), ec_backend=srow.ec_backend,
-                                             ec_cell_bytes=srow.ec_cell_bytes))
+                                             sealed_length=None, redundancy=str(policy.write), placement_epoch=1,
+                                             created_ns=time.time_ns(), ec_backend=srow.ec_backend if coded else None,
+                                             ec_cell_bytes=srow.ec_cell_bytes if coded else None))
             for cand, idx in placed:
                 c.execute(replica.insert().values(extent_id=extent_id, idx=idx, node_id=cand.node_id,
                                                   device_id=cand.device_id, state="ok", reason=None))
@@ -359,7 +368,7 @@ class MetaNode:
         if len(placed) < need:
             log.warning("extent %d placed on %d of %d nodes (degraded): under-replicated", extent_id, len(placed), need)
         return {"extent_id": extent_id, "seq": seq, "epoch": 1, "state": "open", "sealed_length": None,
-                "redundancy": str(policy), **_layout_field(srow),
+                "redundancy": str(policy.write), **_layout_field(srow),
                 "replicas": [{"idx": idx, "node_id": c.node_id, "address": c.address, "state": "ok"} for c, idx in placed],
                 "under_replicated": len(placed) < need}
 
@@ -404,9 +413,10 @@ class MetaNode:
             return None
         reps = c.execute(sa.select(replica, node.c.address).join(node, node.c.node_id == replica.c.node_id)
                          .where(replica.c.extent_id == extent_id).order_by(replica.c.idx)).all()
+        local = {} if row.local_id is None else {"local_id": int(row.local_id)}  # DataNodes' id for its copies
         return {"extent_id": extent_id, "stream_id": row.stream_id, "seq": row.seq, "epoch": row.placement_epoch,
                 "state": row.state, "sealed_length": row.sealed_length, "redundancy": row.redundancy,
-                **_layout_field(row),
+                **_layout_field(row), **local,
                 "replicas": [{"idx": r.idx, "node_id": r.node_id, "address": addresses.get(r.node_id, r.address),
                               "state": r.state} for r in reps]}
 
@@ -479,11 +489,23 @@ class MetaNode:
         return live.address if live is not None else str(rep["address"])
 
     async def op_report_bad(self, extent_id: int, node_id: str, reason: str) -> dict[str, Any]:
-        log.error("corrupt replica reported: extent %d on node %s: %s", extent_id, node_id, reason)
+        """A copy failed verification. ``extent_id`` is the id the DataNode stores it under
+        (its own id, or the transcoded one): a report about a copy no longer in use (an
+        old replica awaiting deletion beside a new fragment) changes nothing."""
+        logical = logical_id(int(extent_id))
+        log.error("corrupt replica reported: extent %d on node %s: %s", logical, node_id, reason)
         self.stats["bad_reports"] += 1
-        await self._write(lambda c: c.execute(
-            replica.update().where(replica.c.extent_id == extent_id, replica.c.node_id == node_id)
-            .values(state="corrupt", reason=reason[:250])))
+
+        def mark(c: Connection) -> None:
+            current = c.execute(sa.select(sa.func.coalesce(extent.c.local_id, extent.c.extent_id))
+                                .where(extent.c.extent_id == logical)).scalar()
+            if current is not None and int(current) != int(extent_id):
+                log.info("report of extent %d on %s concerns a copy no longer in use (id %x)", logical, node_id,
+                         extent_id)
+                return
+            c.execute(replica.update().where(replica.c.extent_id == logical, replica.c.node_id == node_id)
+                      .values(state="corrupt", reason=reason[:250]))
+        await self._write(mark)
         return {}
 
     # ---- fencing of dead writers ----------------------------------------------------
@@ -717,9 +739,9 @@ def _node_rows(nodes: list[dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
 
 def _layout_field(row: Any) -> dict[str, Any]:
     """The ``layout`` entry of an extent map (EC extents only) from a stream or extent row."""
-    if row.ec_backend is None:
-        return {}
     policy = parse_policy(row.redundancy)
+    if row.ec_backend is None or policy.kind != "ec":  # rep, or a rep:N>ec:K+M stream's replicated extents
+        return {}
     return {"layout": {"k": policy.data, "m": policy.parity, "cell_bytes": int(row.ec_cell_bytes),
                        "backend": row.ec_backend}}
 

@@ -63,28 +63,29 @@ def test_format_is_idempotent_and_a_schema_of_another_version_is_refused(meta_ur
         c.execute(sa.text("UPDATE store_schema SET version = 99"))
     eng.dispose()
     line = one_line_error(run("metanode", "--meta", meta_url, "--listen", "127.0.0.1:0"))
-    assert "we speak version 2" in line and "version 99" in line
+    assert "we speak version 3" in line and "version 99" in line
 
 
 def test_format_upgrades_a_version_1_cluster_schema(sqlite_url: str, tmp_path: Path) -> None:
-    """Cluster schema v2 added the EC columns; `format` adds them to a v1 database in place."""
+    """Cluster schema v2 added the EC columns, v3 the extents' local ids; `format` upgrades
+    a v1 database in place."""
     from appendfs.store.metanode import schema
 
     eng = sa.create_engine(sqlite_url)
     v1 = sa.MetaData()
     for t in schema.md.sorted_tables:
-        sa.Table(t.name, v1, *[c._copy() for c in t.columns if not c.name.startswith("ec_")])
+        sa.Table(t.name, v1, *[c._copy() for c in t.columns if not c.name.startswith("ec_") and c.name != "local_id"])
     v1.create_all(eng)
     with eng.begin() as c:
         c.execute(sa.text("INSERT INTO store_schema (id, version) VALUES (1, 1)"))
         c.execute(sa.text("INSERT INTO store_counter (name, next_value) VALUES ('stream', 1), ('extent', 1)"))
-    assert "we speak version 2, it has version 1" in one_line_error(
+    assert "we speak version 3, it has version 1" in one_line_error(
         run("metanode", "--meta", sqlite_url, "--listen", "127.0.0.1:0"))
     assert run("format", sqlite_url, "--secret-file", str(tmp_path / "s")).returncode == 0
     with eng.connect() as c:
-        assert c.execute(sa.text("SELECT version FROM store_schema")).scalar_one() == 2
+        assert c.execute(sa.text("SELECT version FROM store_schema")).scalar_one() == 3
         c.execute(sa.text("SELECT ec_backend, ec_cell_bytes FROM stream")).all()
-        c.execute(sa.text("SELECT ec_backend, ec_cell_bytes FROM extent")).all()
+        c.execute(sa.text("SELECT ec_backend, ec_cell_bytes, local_id FROM extent")).all()
     eng.dispose()
 
 

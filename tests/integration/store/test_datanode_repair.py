@@ -6,6 +6,9 @@ fragments, or copied from a holder of the same index), with a corrupt source lis
 with too few or unreachable sources (then `unavailable`, and nothing is left behind), and
 under a rate limit. Scrub runs in DataNodes started with a 1 s interval: a byte flipped in
 a sealed replica file ends up reported to the MetaNode (replica state `corrupt`).
+
+SQLite only (the suite's time budget): these requests are between DataNodes, the database
+only allocates; test_repair.py runs the MetaNode's side on both engines.
 """
 
 from __future__ import annotations
@@ -145,8 +148,8 @@ def dead_address() -> str:
 # ---- replicated extents ---------------------------------------------------------------------
 
 
-def test_rebuild_replica_copies_verified_bytes(meta_url: str, make_cluster, tmp_path: Path) -> None:
-    c = start(make_cluster, meta_url, datanodes=3, extent_max_bytes=4 * MiB)
+def test_rebuild_replica_copies_verified_bytes(sqlite_url: str, make_cluster, tmp_path: Path) -> None:
+    c = start(make_cluster, sqlite_url, datanodes=3, extent_max_bytes=4 * MiB)
     src = random_file(tmp_path / "src.bin", 20 * MiB + 4321, seed=61)
     c.put(src, "rep:2")
     original = src.read_bytes()
@@ -196,8 +199,8 @@ def test_rebuild_replica_copies_verified_bytes(meta_url: str, make_cluster, tmp_
     assert read_extent(c, addr[last_target], last_id, last_len) == original[last_pos:last_pos + last_len]
 
 
-def test_rebuild_that_cannot_finish_leaves_nothing(meta_url: str, make_cluster, tmp_path: Path) -> None:
-    c = start(make_cluster, meta_url, datanodes=3, extent_max_bytes=4 * MiB)
+def test_rebuild_that_cannot_finish_leaves_nothing(sqlite_url: str, make_cluster, tmp_path: Path) -> None:
+    c = start(make_cluster, sqlite_url, datanodes=3, extent_max_bytes=4 * MiB)
     c.put(random_file(tmp_path / "src.bin", 9 * MiB, seed=62), "rep:2")
     addr = addresses(c)
     extent_id, length, _ = sealed_extents(c.meta_url)[0]
@@ -237,8 +240,8 @@ def test_rebuild_that_cannot_finish_leaves_nothing(meta_url: str, make_cluster, 
     assert call(c, addr[target], "stat", {"extent_id": extent_id})["state"] == "sealed"
 
 
-def test_rebuild_rate_limit_and_one_job_per_extent(meta_url: str, make_cluster, tmp_path: Path) -> None:
-    c = start(make_cluster, meta_url, datanodes=3, extent_max_bytes=8 * MiB)
+def test_rebuild_rate_limit_and_one_job_per_extent(sqlite_url: str, make_cluster, tmp_path: Path) -> None:
+    c = start(make_cluster, sqlite_url, datanodes=3, extent_max_bytes=8 * MiB)
     c.put(random_file(tmp_path / "src.bin", 8 * MiB, seed=63), "rep:2")
     addr = addresses(c)
     extent_id, length, _ = sealed_extents(c.meta_url)[0]
@@ -295,8 +298,8 @@ def ec_extent(c: Cluster, extent_id: int, logical: int) -> tuple[Layout, dict[st
     return lay, {"k": 4, "m": 2, "cell_bytes": int(cell), "backend": backend}, lay.fragment_length(logical), frags
 
 
-def test_rebuild_ec_fragment_reconstructs_byte_identical(meta_url: str, make_cluster, tmp_path: Path) -> None:
-    c = start(make_cluster, meta_url, datanodes=7, extent_max_bytes=4 * MiB)
+def test_rebuild_ec_fragment_reconstructs_byte_identical(sqlite_url: str, make_cluster, tmp_path: Path) -> None:
+    c = start(make_cluster, sqlite_url, datanodes=7, extent_max_bytes=4 * MiB)
     c.put(random_file(tmp_path / "src.bin", 10 * MiB + 777, seed=64), "ec:4+2")
     addr = addresses(c)
     extents = sealed_extents(c.meta_url)
@@ -377,8 +380,8 @@ def test_rebuild_ec_fragment_reconstructs_byte_identical(meta_url: str, make_clu
 # ---- scrub ----------------------------------------------------------------------------------
 
 
-def test_scrub_reports_a_flipped_byte(meta_url: str, make_cluster, tmp_path: Path) -> None:
-    c = start(make_cluster, meta_url, datanodes=3, extent_max_bytes=4 * MiB,
+def test_scrub_reports_a_flipped_byte(sqlite_url: str, make_cluster, tmp_path: Path) -> None:
+    c = start(make_cluster, sqlite_url, datanodes=3, extent_max_bytes=4 * MiB,
               env={"APPENDFS_DATANODE_SCRUB_BYTES_S": str(256 * MiB), "APPENDFS_DATANODE_SCRUB_INTERVAL_S": "1"})
     c.put(random_file(tmp_path / "src.bin", 9 * MiB, seed=65), "rep:2")
     addr = addresses(c)

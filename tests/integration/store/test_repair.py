@@ -1,4 +1,4 @@
-"""Repair, scrub, rebalance and drain on real processes (issue 6, must-show 2, 3 and 4).
+"""Repair, scrub, rebalance, drain and transcoding on real processes (issue 6, must-show 2-5).
 
 The MetaNode's maintainer (store/metanode/maintain.py) re-creates copies through the
 DataNodes' ``rebuild`` request. Timings are shortened through the environment (a node is
@@ -9,12 +9,18 @@ tables with a generous deadline, never a wall-clock assert.
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
+import trio
 from cluster import Cluster, files_equal, random_file, wait_for
 
+from appendfs.store.client import StoreClient
+from appendfs.store.client.locator import Locator
 from appendfs.store.ec import Layout
 
 MiB = 1 << 20
@@ -103,9 +109,11 @@ def test_ec42_on_seven_nodes_rebuilds_the_fragments_of_a_dead_node(meta_url: str
         c.stop()
 
 
-def test_a_joining_node_gets_its_share_and_a_drained_node_ends_empty(meta_url: str, tmp_path: Path) -> None:
+def test_a_joining_node_gets_its_share_and_a_drained_node_ends_empty(sqlite_url: str, tmp_path: Path) -> None:
+    """SQLite only (the suite's time budget): the maintainer's SQL is the same for both
+    engines and runs on PostgreSQL in the repair and transcoding tests."""
     spread = 0.1
-    c = cluster(tmp_path / "c", meta_url, 3, 1 * MiB, APPENDFS_METANODE_REBALANCE_SPREAD=str(spread))
+    c = cluster(tmp_path / "c", sqlite_url, 3, 1 * MiB, APPENDFS_METANODE_REBALANCE_SPREAD=str(spread))
     try:
         src = random_file(tmp_path / "src.bin", 32 * MiB, seed=63)  # 32 extents of 1 MiB, each on all 3 nodes
         locator = c.put(src, "rep:3")
@@ -199,11 +207,13 @@ def flip(path: Path, offset: int) -> bytes:
     return byte
 
 
-def test_scrub_finds_a_bad_block_and_the_copy_is_rewritten(meta_url: str, tmp_path: Path) -> None:
+@pytest.mark.postgres
+def test_scrub_finds_a_bad_block_and_the_copy_is_rewritten(pg_url: str, tmp_path: Path) -> None:
     """Must-show 3: a byte flipped on disk in a replica and in an EC fragment; scrub finds
     both, reports them, the maintainer rewrites each in place (every node holds a copy), and
-    reads return the right bytes all along."""
-    c = cluster(tmp_path / "c", meta_url, 3, 4 * MiB, APPENDFS_DATANODE_SCRUB_BYTES_S=str(64 * MiB),
+    reads return the right bytes all along. PostgreSQL only (time budget): scrub's report
+    path runs on SQLite in test_datanode_repair.py."""
+    c = cluster(tmp_path / "c", pg_url, 3, 4 * MiB, APPENDFS_DATANODE_SCRUB_BYTES_S=str(64 * MiB),
                 APPENDFS_DATANODE_SCRUB_INTERVAL_S="1")
     try:
         src_rep = random_file(tmp_path / "rep.bin", 9 * MiB, seed=64)
@@ -236,5 +246,143 @@ def test_scrub_finds_a_bad_block_and_the_copy_is_rewritten(meta_url: str, tmp_pa
         assert rep_file.read_bytes() == good_rep and ec_file.read_bytes() == good_ec
         check_get(c, loc_rep, src_rep, tmp_path / "rep-out.bin")
         check_get(c, loc_ec, src_ec, tmp_path / "ec-out.bin")
+    finally:
+        c.stop()
+
+
+def raw_bytes(c: Cluster) -> int:
+    """Bytes of every extent file on every DataNode."""
+    return sum(f.stat().st_size for p in c.datanodes
+               for f in (Path(p.argv[p.argv.index("--data") + 1]) / "extents").glob("*.dat"))
+
+
+def transcoded(c: Cluster, logical: int) -> bool:
+    policies = {r[0] for r in rows(c.meta_url, "SELECT redundancy FROM extent WHERE state = 'sealed'")}
+    return policies == {"ec:4+2"} and bool(fully_healthy(c)) and raw_bytes(c) < 2 * logical
+
+
+def test_rep3_then_ec42_ends_erasure_coded_at_half_the_raw_space(meta_url: str, tmp_path: Path) -> None:
+    """Must-show 5 on the store: `store put --redundancy rep:3>ec:4+2` is written with three
+    replicas; the maintainer transcodes every sealed extent (6 nodes: some hold an old
+    replica and a new fragment at once) and deletes the replicas; reads work throughout."""
+    c = cluster(tmp_path / "c", meta_url, 6, 4 * MiB)
+    try:
+        src = random_file(tmp_path / "src.bin", 24 * MiB + 12345, seed=66)
+        stop, failures, reads = threading.Event(), [], [0]
+        locator_box: list[str] = []
+
+        def reader() -> None:
+            while not stop.is_set():
+                if not locator_box:
+                    stop.wait(0.05)
+                    continue
+                res = c.get(locator_box[0], tmp_path / "during.bin")
+                if res.returncode != 0 or not files_equal(src, tmp_path / "during.bin"):
+                    failures.append(res.stderr.decode()[-1000:] or "different bytes")
+                reads[0] += 1
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            locator_box.append(c.put(src, "rep:3>ec:4+2"))
+            wait_for(lambda: transcoded(c, src.stat().st_size), "every extent erasure-coded, replicas deleted",
+                     120, 0.5)
+            stop.wait(1.0)  # one more read on the final placement
+        finally:
+            stop.set()
+            t.join()
+        assert not failures, failures[:3]
+        assert reads[0] >= 1
+        ratio = raw_bytes(c) / src.stat().st_size
+        assert 1.45 < ratio < 1.6, ratio  # ec:4+2 is 1.5x plus headers and the last short stripe; rep:3 was 3x
+        st = c.status()
+        assert st["repair"]["transcodes"] == st["extents"]["sealed"] == 7
+        assert [u["redundancy"] for u in st["erasure_coding"]] == ["ec:4+2"]
+        check_get(c, locator_box[0], src, tmp_path / "out.bin")
+        # fully erasure-coded: any two nodes may die
+        c.datanodes[0].kill()
+        c.datanodes[3].kill()
+        check_get(c, locator_box[0], src, tmp_path / "after-two-lost.bin")
+    finally:
+        c.stop()
+
+
+def test_a_directory_under_rep3_then_ec42_keeps_its_files_erasure_coded(sqlite_url: str, make_cluster, make_mount,
+                                                                      tmp_path: Path) -> None:
+    """Must-show 5 through the mount: the directory policy `rep:3>ec:4+2` (SQLite: the
+    store path runs on both engines above)."""
+    c = make_cluster(sqlite_url, datanodes=6, extent_max_bytes=4 * MiB, env=FAST)
+    m = make_mount(c)
+    d = m.path / "archive"
+    d.mkdir()
+    os.setxattr(d, "user.appendfs.redundancy", b"rep:3>ec:4+2")
+    assert os.getxattr(d, "user.appendfs.redundancy") == b"rep:3>ec:4+2"
+    src = random_file(tmp_path / "big.bin", 20 * MiB + 99, seed=67)
+    shutil.copyfile(src, d / "big.bin")
+    os.sync()
+    assert os.getxattr(d / "big.bin", "user.appendfs.redundancy") == b"rep:3>ec:4+2"
+    m.stop()  # closes the file's stream: its last extent is sealed, so every extent transcodes
+    wait_for(lambda: transcoded(c, src.stat().st_size), "the file's extents erasure-coded", 120, 0.5)
+    other = make_mount(c)
+    assert files_equal(src, other.path / "archive" / "big.bin")
+
+
+def test_a_client_holding_the_replicated_map_reads_right_after_transcoding(sqlite_url: str, tmp_path: Path) -> None:
+    """A reader caches an extent's `rep:3` map; the extent is transcoded and its replicas
+    deleted; the reader's next read misses the replicas, refreshes, gets an `ec:4+2` map
+    and must decode it as such — reading a fragment file as if it were a replica returned
+    fragment bytes (valid block checksums, wrong content) before this was fixed.
+
+    The maintainer only wakes when told (interval 3600 s; a `node drain --cancel` wakes it),
+    so the map is cached before any transcode; old copies go at once (grace 0)."""
+    c = cluster(tmp_path / "c", sqlite_url, 6, 4 * MiB, APPENDFS_METANODE_MAINTAIN_INTERVAL_S="3600",
+                APPENDFS_METANODE_DELETE_GRACE_S="0")
+    try:
+        src = random_file(tmp_path / "src.bin", 10 * MiB + 5, seed=68)
+        locator = c.put(src, "rep:3>ec:4+2")
+        pieces = [(p.extent_id, p.ext_off, p.length) for p in Locator.parse(locator).pieces]
+        expected = src.read_bytes()
+        some_node = c.status()["nodes"][0]["node_id"]
+
+        async def read_all(client: StoreClient) -> bytes:
+            return b"".join([await client.read(*p) for p in pieces])
+
+        async def main() -> tuple[bytes, bytes]:
+            async with StoreClient.connect(c.meta_url) as client:
+                before = await read_all(client)
+                maps = [await client.extent_map(e) for e, _, _ in pieces]
+                assert not any("layout" in m for m in maps)  # cached: replicated
+                await trio.to_thread.run_sync(lambda: c.run(["node", "drain", "--meta", c.meta_url, some_node,
+                                                             "--cancel"]))
+                await trio.to_thread.run_sync(lambda: wait_for(
+                    lambda: transcoded(c, len(expected)), "every extent transcoded, replicas deleted", 120, 0.5))
+                after = await read_all(client)
+                return before, after
+        before, after = trio.run(main)
+        assert before == expected
+        assert after == expected
+    finally:
+        c.stop()
+
+
+def test_an_ec_write_with_one_node_short_is_completed_by_repair(sqlite_url: str, tmp_path: Path) -> None:
+    """`ec:4+2` with 5 live DataNodes: extents are placed with one fragment missing
+    (`ec_missing_max` 1, never fewer than K+1), the put succeeds and reads back; once a
+    sixth node joins, repair rebuilds the missing fragment of every sealed extent."""
+    c = cluster(tmp_path / "c", sqlite_url, 5, 4 * MiB)
+    try:
+        src = random_file(tmp_path / "src.bin", 12 * MiB + 3, seed=69)
+        locator = c.put(src, "ec:4+2")
+        st = c.status()
+        assert st["extents"]["under_replicated"] == st["extents"]["sealed"] == 4 and st["extents"]["lost"] == 0
+        assert {n for (n,) in rows(c.meta_url, "SELECT count(*) FROM replica GROUP BY extent_id")} == {5}
+        check_get(c, locator, src, tmp_path / "short.bin")
+        c.add_datanode()
+        c.wait_alive(6)
+        wait_for(lambda: fully_healthy(c), "repair to place every missing fragment", 120, 0.5)
+        assert {n for (n,) in rows(c.meta_url, "SELECT count(*) FROM replica GROUP BY extent_id")} == {6}
+        # the rebuilt fragments are real: two of the first five nodes may go
+        c.datanodes[0].kill()
+        c.datanodes[1].kill()
+        check_get(c, locator, src, tmp_path / "after.bin")
     finally:
         c.stop()
