@@ -299,8 +299,8 @@ def repair_lines(r: RepairSummary, st: dict[str, Any], limit_mib: float) -> list
            f"5 s {mib(r.peaks[5.0])}, 30 s {mib(r.peaks[WINDOW_S])} "
            f"(moved_bytes, 30 s: {mib(r.moved_peak30)}); the {'30 s peak' if r.peaks[WINDOW_S] else 'average'} is "
            f"{r.shown / r.limit * 100:.1f}% of the limit, counter resolution ±{r.resolution / MIB:.2f} MiB/s "
-           f"(source reads of <= 1 MiB counted when they end, up to {REPAIR_PARALLEL * K} in flight; the token "
-           f"bucket also lets each rebuild job start with one 1 MiB chunk of burst)"]
+           f"(source reads of <= 1 MiB counted when they end, up to {REPAIR_PARALLEL * K} in flight; each "
+           f"rebuild job's token bucket starts empty, so its reads by time t never exceed rate * t)"]
     if r.peaks[WINDOW_S] is None:
         out.append(f"  NOTE: the repair read for only {r.active_s:.1f} s (< {WINDOW_S:.0f} s): no 30 s window; "
                    f"the table shows the average instead (raise --repair-size-mib or lower --repair-mib-s)")

@@ -3,7 +3,9 @@
 :class:`TokenBucket` is pure arithmetic over a clock value the caller passes in, so it is
 tested without time passing; :meth:`TokenBucket.acquire` is the trio wrapper the jobs use.
 
-The bucket holds at most ``burst`` tokens (bytes) and starts full; ``reserve(n)`` takes
+The bucket holds at most ``burst`` tokens (bytes) and starts full, or empty for jobs whose
+limit must hold from their first byte (rebuild: several jobs one after another would each
+add a burst); ``reserve(n)`` takes
 ``n`` tokens — the balance may go negative — and answers how long to wait before using
 them: until the balance is back at zero. So over any window of T seconds a job that waits
 as told reads at most ``burst + rate·T`` bytes, and a job reading in chunks of at most
@@ -19,12 +21,12 @@ import trio
 class TokenBucket:
     """``rate`` bytes per second (0 = unlimited), bursts of at most ``burst`` bytes."""
 
-    def __init__(self, rate: float, burst: int, now: float = 0.0) -> None:
+    def __init__(self, rate: float, burst: int, now: float = 0.0, *, start_full: bool = True) -> None:
         if rate < 0 or burst < 0:
             raise ValueError(f"rate {rate} and burst {burst} must be >= 0")
         self.rate = float(rate)
         self.burst = float(burst)
-        self._tokens = float(burst)
+        self._tokens = float(burst) if start_full else 0.0
         self._last = now
 
     @property

@@ -205,7 +205,8 @@ class _Run:
 
     def __init__(self, job: RebuildJob | TranscodeJob, chunk_bytes: int) -> None:
         self.job = job
-        self.bucket = TokenBucket(job.rate_bytes_s, chunk_bytes, trio.current_time())
+        # empty at the start: back-to-back jobs must not each add a burst to repair_bytes_s
+        self.bucket = TokenBucket(job.rate_bytes_s, chunk_bytes, trio.current_time(), start_full=False)
         self.read_bytes = 0
         self.failed: dict[Source, str] = {}  # source -> why it last failed (kept in order of failure)
         self.codec: ec.Codec | None = None

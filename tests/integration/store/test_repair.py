@@ -101,8 +101,10 @@ def test_rep3_on_four_nodes_repairs_a_dead_node(meta_url: str, tmp_path: Path) -
         c.stop()
 
 
-def test_ec42_on_seven_nodes_rebuilds_the_fragments_of_a_dead_node(meta_url: str, tmp_path: Path) -> None:
-    c = cluster(tmp_path / "c", meta_url, 7, 4 * MiB)
+@pytest.mark.postgres
+def test_ec42_on_seven_nodes_rebuilds_the_fragments_of_a_dead_node(pg_url: str, tmp_path: Path) -> None:
+    """PostgreSQL only (the suite's time budget): rep:3 above runs the same maintainer on both."""
+    c = cluster(tmp_path / "c", pg_url, 7, 4 * MiB)
     try:
         repair_then_lose_another(c, random_file(tmp_path / "src.bin", 32 * MiB + 4321, seed=62), "ec:4+2", tmp_path)
     finally:
@@ -261,11 +263,13 @@ def transcoded(c: Cluster, logical: int) -> bool:
     return policies == {"ec:4+2"} and bool(fully_healthy(c)) and raw_bytes(c) < 2 * logical
 
 
-def test_rep3_then_ec42_ends_erasure_coded_at_half_the_raw_space(meta_url: str, tmp_path: Path) -> None:
+@pytest.mark.postgres
+def test_rep3_then_ec42_ends_erasure_coded_at_half_the_raw_space(pg_url: str, tmp_path: Path) -> None:
     """Must-show 5 on the store: `store put --redundancy rep:3>ec:4+2` is written with three
     replicas; the maintainer transcodes every sealed extent (6 nodes: some hold an old
-    replica and a new fragment at once) and deletes the replicas; reads work throughout."""
-    c = cluster(tmp_path / "c", meta_url, 6, 4 * MiB)
+    replica and a new fragment at once) and deletes the replicas; reads work throughout.
+    PostgreSQL only (time budget): the mount and stale-map tests below run it on SQLite."""
+    c = cluster(tmp_path / "c", pg_url, 6, 4 * MiB)
     try:
         src = random_file(tmp_path / "src.bin", 24 * MiB + 12345, seed=66)
         stop, failures, reads = threading.Event(), [], [0]

@@ -69,6 +69,22 @@ def test_no_window_exceeds_burst_plus_rate(rate: int, burst: int, steps: list[tu
             assert total <= burst + rate * (at - start) + 1e-6 * rate + 1
 
 
+@given(rate=st.integers(1, 64 * MiB), burst=st.integers(4096, 4 * MiB),
+       steps=st.lists(st.tuples(st.floats(0, 1.0), st.floats(0, 1.0)), min_size=1, max_size=60))
+def test_an_empty_start_bounds_every_read_since_the_start(rate: int, burst: int,
+                                                          steps: list[tuple[float, float]]) -> None:
+    """start_full=False (rebuild jobs): the bytes read by time t are at most rate * t, so
+    jobs run back to back never exceed the rate together; idle time still earns a burst."""
+    b = TokenBucket(rate, burst, now=0.0, start_full=False)
+    t, total = 0.0, 0
+    for size_frac, idle in steps:
+        n = max(1, int(size_frac * burst))
+        t += b.reserve(n, t)
+        total += n
+        assert total <= rate * t + 1e-6 * rate + 1
+        t += idle
+
+
 async def test_acquire_sleeps_on_the_trio_clock(autojump_clock: trio.abc.Clock) -> None:
     b = TokenBucket(4 * MiB, MiB, now=trio.current_time())
     t0 = trio.current_time()
