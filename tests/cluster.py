@@ -53,6 +53,18 @@ def run_threads(n: int, target: Callable[[int], R]) -> list[R]:
     return [results[i] for i in range(n)]
 
 
+def db_rows(meta_url: str, query: str, **params: object) -> list[tuple[Any, ...]]:
+    """Rows of one SQL query on the cluster's database (tests read the tables directly)."""
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(meta_url)
+    try:
+        with eng.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(query), params)]
+    finally:
+        eng.dispose()
+
+
 def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 60.0, interval_s: float = 0.1) -> Any:
     """Poll until ``predicate()`` is truthy; a generous deadline, never a wall-clock assert."""
     deadline = time.monotonic() + timeout_s

@@ -67,6 +67,7 @@ class DataNode:
         self._redirect: str | None = None
         self._peers: ChannelPool | None = None  # to other DataNodes (rebuild) and the MetaNode (scrub reports)
         self.rebuilder: Rebuilder | None = None
+        self.transcoder: Transcoder | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         host, port = parse_address(self.cfg.listen)
@@ -78,6 +79,7 @@ class DataNode:
                 nursery.start_soon(self._report_bad, extent_id, reason, node_id)
 
             self.rebuilder = Rebuilder(self.store, peers, report_bad=report_source)
+            self.transcoder = Transcoder(self.rebuilder)
             await nursery.start(self.store.run)
             bound = await nursery.start(serve, host, port, self.handle, self.auth, opts)
             if port == 0:
@@ -127,9 +129,9 @@ class DataNode:
                     raise RpcError("unavailable", "this DataNode is still starting")
                 return await self.rebuilder.rebuild(RebuildJob.from_args(a)), b""
             if req.op == "transcode":
-                if self.rebuilder is None:
+                if self.transcoder is None:
                     raise RpcError("unavailable", "this DataNode is still starting")
-                return await Transcoder(self.rebuilder).transcode(TranscodeJob.from_args(a)), b""
+                return await self.transcoder.transcode(TranscodeJob.from_args(a)), b""
         except ExtentError as exc:
             raise RpcError(exc.code, exc.message, **exc.details) from None
         except (KeyError, ValueError, TypeError) as exc:

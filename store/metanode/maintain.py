@@ -28,7 +28,6 @@ recomputed from SQL every round, so a new leader carries on where the old one st
 from __future__ import annotations
 
 import logging
-import math
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -91,13 +90,11 @@ class Maintainer:
         self.stats = {"repairs": 0, "drain_moves": 0, "rebalance_moves": 0, "transcodes": 0, "moved_bytes": 0,
                       "move_failures": 0, "orphans_deleted": 0}
         self.last_error: str | None = None
-        self.started_at = math.inf
         self.backoff: dict[int, tuple[float, int]] = {}  # extent id → (not before, failures in a row)
 
     # ---- the loop -------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.started_at = trio.current_time()
         free = trio.Semaphore(self.cfg.repair_parallel)
         async with trio.open_nursery() as nursery:
             while True:
@@ -194,20 +191,32 @@ class Maintainer:
             free.release()
             self.wake.set()
 
-    async def _move(self, mv: plan.Move) -> None:
-        e = mv.extent
+    @property
+    def _rate(self) -> int:
+        """Source bytes/s each move may read: all moves together stay under repair_bytes_s."""
+        return int(self.cfg.repair_bytes_s / self.cfg.repair_parallel)
+
+    def _peers(self, copies: list[plan.Copy]) -> list[dict[str, Any]]:
+        """The request's ``sources``: the copies on nodes we hear from, with their addresses."""
         addresses = {n.node_id: n.address for n in self.meta.nodes.values()}
-        rate = int(self.cfg.repair_bytes_s / self.cfg.repair_parallel)
-        args = {"extent_id": e.local_id, "logical_id": e.extent_id, "stream_id": e.stream_id, "epoch": e.epoch + 1,
-                "index": mv.idx, "length": e.stored_length, "rate_bytes_s": rate,
-                "sources": [{"idx": s.idx, "node_id": s.node_id, "address": addresses.get(s.node_id, "")}
-                            for s in mv.sources if s.node_id in addresses],
-                "layout": None if e.layout is None else {"k": e.layout.k, "m": e.layout.m,
-                                                         "cell_bytes": e.layout.cell_bytes, "backend": e.backend}}
+        return [{"idx": c.idx, "node_id": c.node_id, "address": addresses[c.node_id]}
+                for c in copies if c.node_id in addresses]
+
+    async def _job(self, address: str, op: str, args: dict[str, Any], nbytes: int) -> None:
+        """Run a ``rebuild`` / ``transcode`` on a DataNode; the deadline follows the rate."""
         pool = self.meta._pool
         assert pool is not None
-        ch = await pool.get(mv.target.address)
-        await ch.call("rebuild", args, timeout_s=60.0 + 3.0 * e.stored_length / max(rate, 1))
+        ch = await pool.get(address)
+        await ch.call(op, args, timeout_s=60.0 + 3.0 * nbytes / max(self._rate, 1))
+
+    async def _move(self, mv: plan.Move) -> None:
+        e = mv.extent
+        args = {"extent_id": e.local_id, "logical_id": e.extent_id, "stream_id": e.stream_id, "epoch": e.epoch + 1,
+                "index": mv.idx, "length": e.stored_length, "rate_bytes_s": self._rate,
+                "sources": self._peers(mv.sources),
+                "layout": None if e.layout is None else {"k": e.layout.k, "m": e.layout.m,
+                                                         "cell_bytes": e.layout.cell_bytes, "backend": e.backend}}
+        await self._job(mv.target.address, "rebuild", args, e.stored_length)
 
         def switch(c: Connection) -> None:
             res = c.execute(extent.update().where(extent.c.extent_id == e.extent_id,
@@ -234,22 +243,16 @@ class Maintainer:
         reads the bytes once), then switch the extent to EC in one transaction."""
         e, then = tc.extent, tc.extent.then
         assert then is not None and e.then_backend is not None and e.then_cell_bytes is not None
-        addresses = {n.node_id: n.address for n in self.meta.nodes.values()}
         new_id = local_id(e.extent_id, 1)
-        rate = int(self.cfg.repair_bytes_s / self.cfg.repair_parallel)
+        sources = self._peers(tc.sources)
+        if not sources:
+            raise RpcError("unavailable", f"no live replica of extent {e.extent_id} to transcode from")
         args = {"extent_id": e.extent_id, "stream_id": e.stream_id, "epoch": e.epoch + 1, "length": e.sealed_length,
-                "read_id": e.local_id, "local_id": new_id, "rate_bytes_s": rate,
-                "sources": [{"idx": s.idx, "node_id": s.node_id, "address": addresses[s.node_id]}
-                            for s in tc.sources if s.node_id in addresses],
+                "read_id": e.local_id, "local_id": new_id, "rate_bytes_s": self._rate, "sources": sources,
                 "targets": [{"idx": i, "node_id": t.node_id, "address": t.address} for i, t in enumerate(tc.targets)],
                 "layout": {"k": then.data, "m": then.parity, "cell_bytes": e.then_cell_bytes,
                            "backend": e.then_backend}}
-        if not args["sources"]:
-            raise RpcError("unavailable", f"no live replica of extent {e.extent_id} to transcode from")
-        pool = self.meta._pool
-        assert pool is not None
-        ch = await pool.get(str(args["sources"][0]["address"]))  # type: ignore[index]
-        await ch.call("transcode", args, timeout_s=60.0 + 3.0 * e.sealed_length / max(rate, 1))
+        await self._job(str(sources[0]["address"]), "transcode", args, e.sealed_length)
 
         def switch(c: Connection) -> None:
             res = c.execute(extent.update().where(extent.c.extent_id == e.extent_id,

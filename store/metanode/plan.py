@@ -167,8 +167,7 @@ def _readable(e: ExtentView, sources: Sequence[Copy], idx: int) -> bool:
     return any(c.idx == idx for c in sources) or len({c.idx for c in sources}) >= e.policy.data
 
 
-def _target(e: ExtentView, nodes: dict[str, NodeView], replaced: Copy | None, rng: random.Random,
-            busy: frozenset[str]) -> NodeView | None:
+def _target(e: ExtentView, nodes: dict[str, NodeView], replaced: Copy | None, rng: random.Random) -> NodeView | None:
     """A node for a new copy: takes new extents, holds no other copy of this extent, in a
     failure domain no other copy uses; weighted by free space."""
     others = [c for c in e.copies if c is not replaced]
@@ -177,7 +176,7 @@ def _target(e: ExtentView, nodes: dict[str, NodeView], replaced: Copy | None, rn
     cands = [Candidate(n.device_id, n.node_id, n.address, n.failure_domain, n.free_bytes)
              for n in nodes.values()
              if n.takes_new and n.node_id not in holders and n.failure_domain not in domains
-             and n.free_bytes > e.stored_length and n.node_id not in busy]
+             and n.free_bytes > e.stored_length]
     chosen = choose(sorted(cands, key=lambda c: c.node_id), 1, rng)
     return nodes[chosen[0].node_id] if chosen else None
 
@@ -206,7 +205,7 @@ def plan_repairs(extents: Iterable[ExtentView], nodes: dict[str, NodeView], rng:
             if not _readable(e, sources, idx):
                 stuck.append(f"extent {e.extent_id} slot {idx}: {why}, but too few readable copies to rebuild from")
                 break
-            target = _target(e, nodes, old, rng, frozenset())
+            target = _target(e, nodes, old, rng)
             if target is None and kind == "repair" and old is not None and old.state == "corrupt":
                 n = nodes.get(old.node_id)
                 if n is not None and n.alive and not n.dead and not n.draining:
@@ -232,7 +231,6 @@ class Transcode:
     targets: list[NodeView]
     sources: list[Copy]
     kind: str = "transcode"
-    reason: str = "sealed under rep>ec"
 
 
 def plan_transcodes(extents: Iterable[ExtentView], nodes: dict[str, NodeView], rng: random.Random,
@@ -241,14 +239,14 @@ def plan_transcodes(extents: Iterable[ExtentView], nodes: dict[str, NodeView], r
     line for each that has too few DataNodes to go to."""
     out: list[Transcode] = []
     stuck: list[str] = []
+    cands = [Candidate(n.device_id, n.node_id, n.address, n.failure_domain, n.free_bytes)
+             for n in sorted(nodes.values(), key=lambda n: n.node_id) if n.takes_new]
     for e in extents:
         if len(out) >= limit:
             break
         if not e.to_transcode or e.extent_id in skip or health(e, nodes) != "healthy":
             continue
         assert e.then is not None
-        cands = [Candidate(n.device_id, n.node_id, n.address, n.failure_domain, n.free_bytes)
-                 for n in sorted(nodes.values(), key=lambda n: n.node_id) if n.takes_new]
         chosen = choose(cands, e.then.width, rng)
         if len(chosen) < e.then.width:
             stuck.append(f"extent {e.extent_id}: {e.then} needs {e.then.width} DataNodes in distinct failure "

@@ -16,22 +16,13 @@ import subprocess
 import time
 from pathlib import Path
 
-import sqlalchemy as sa
 import trio
-from cluster import files_equal, random_file, wait_for
+from cluster import db_rows, files_equal, random_file, wait_for
 
 from appendfs.store.client import StoreClient
 from appendfs.store.ec import DEFAULT_CELL_BYTES, Layout
 
 MiB = 1 << 20
-
-
-def _db_rows(meta_url: str, query: str) -> list[tuple]:
-    eng = sa.create_engine(meta_url)
-    with eng.connect() as c:
-        rows = [tuple(r) for r in c.execute(sa.text(query))]
-    eng.dispose()
-    return rows
 
 
 OPEN_EXTENT_NODES = ("SELECT r.node_id FROM replica r JOIN extent e ON e.extent_id = r.extent_id "
@@ -50,7 +41,7 @@ def _put_killing(c, src: Path, at_bytes: int, kill) -> subprocess.Popen[bytes]:
                 while not killed:  # between a seal and the next allocation no extent is open
                     proc.send_signal(signal.SIGSTOP)
                     time.sleep(0.05)  # let a call already sent land
-                    holders = _db_rows(c.meta_url, OPEN_EXTENT_NODES)
+                    holders = db_rows(c.meta_url, OPEN_EXTENT_NODES)
                     if holders:
                         kill(proc, [h[0] for h in holders])
                         killed = True
@@ -75,11 +66,11 @@ def test_ec_writer_and_datanode_crashes(meta_url: str, make_cluster, tmp_path: P
     src = random_file(tmp_path / "src.bin", 48 * MiB, seed=61)
     proc = _put_killing(c, src, 10 * MiB, lambda p, _nodes: p.send_signal(signal.SIGKILL))
     assert proc.returncode == -signal.SIGKILL
-    wait_for(lambda: _db_rows(c.meta_url, "SELECT state FROM stream") == [("closed",)],
+    wait_for(lambda: db_rows(c.meta_url, "SELECT state FROM stream") == [("closed",)],
              "the MetaNode to fence the dead writer's EC stream", 60, 0.3)
-    assert _db_rows(c.meta_url, "SELECT count(*) FROM extent WHERE state = 'open'") == [(0,)]
+    assert db_rows(c.meta_url, "SELECT count(*) FROM extent WHERE state = 'open'") == [(0,)]
     assert "fenced stream 1: extent" in c.metanodes[0].text()  # it had an open extent to seal
-    sealed = dict(_db_rows(c.meta_url, "SELECT extent_id, sealed_length FROM extent"))
+    sealed = dict(db_rows(c.meta_url, "SELECT extent_id, sealed_length FROM extent"))
     last = max(sealed)
     assert 0 <= sealed[last] <= 4 * MiB
     seen = 0
@@ -94,7 +85,7 @@ def test_ec_writer_and_datanode_crashes(meta_url: str, make_cluster, tmp_path: P
     assert seen == 6
     # and the fenced extent reads back as the file's bytes (4 appends of 1 MiB per extent)
     if sealed[last]:
-        seq = _db_rows(c.meta_url, f"SELECT seq FROM extent WHERE extent_id = {last}")[0][0]
+        seq = db_rows(c.meta_url, f"SELECT seq FROM extent WHERE extent_id = {last}")[0][0]
         got = trio.run(_read_extent, c.meta_url, last, sealed[last])
         assert got == src.read_bytes()[seq * 4 * MiB:seq * 4 * MiB + sealed[last]]
 
@@ -109,7 +100,7 @@ def test_ec_writer_and_datanode_crashes(meta_url: str, make_cluster, tmp_path: P
         victims[0].kill()
     proc = _put_killing(c, src, 16 * MiB, kill_a_holder)
     assert proc.returncode == 0
-    unsealed = _db_rows(c.meta_url, "SELECT count(*) FROM replica WHERE state = 'unsealed'")
+    unsealed = db_rows(c.meta_url, "SELECT count(*) FROM replica WHERE state = 'unsealed'")
     assert unsealed[0][0] >= 1, "the writer should have sealed an extent without the killed node"
     locator = proc.stdout_text.strip().splitlines()[-1]  # type: ignore[attr-defined]
     out = tmp_path / "out.bin"

@@ -28,8 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from cluster import Cluster, files_equal, random_file, wait_for
+from cluster import Cluster, db_rows, files_equal, random_file, wait_for
 from mounts import Mount, drop_page_cache
 from pgserver import ThrowawayPostgres
 
@@ -51,15 +50,6 @@ def watchdog(proc: subprocess.Popen[bytes], timeout_s: float) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
-
-
-def db_rows(meta_url: str, query: str, **params: object) -> list[tuple]:
-    eng = sa.create_engine(meta_url)
-    try:
-        with eng.connect() as conn:
-            return [tuple(r) for r in conn.execute(sa.text(query), params)]
-    finally:
-        eng.dispose()
 
 
 def check_namespace(meta_url: str) -> list[str]:

@@ -12,18 +12,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-import sqlalchemy as sa
-from cluster import random_file, wait_for
+from cluster import db_rows, random_file, wait_for
 
 MiB = 1 << 20
-
-
-def _db_rows(meta_url: str, query: str) -> list[tuple]:
-    eng = sa.create_engine(meta_url)
-    with eng.connect() as c:
-        rows = [tuple(r) for r in c.execute(sa.text(query))]
-    eng.dispose()
-    return rows
 
 
 def test_dead_writer_is_fenced_at_the_minimum_replica_length(meta_url: str, make_cluster, tmp_path: Path) -> None:
@@ -40,13 +31,13 @@ def test_dead_writer_is_fenced_at_the_minimum_replica_length(meta_url: str, make
     assert proc.returncode == -signal.SIGKILL
 
     # before the lease runs out the stream is still open
-    assert _db_rows(c.meta_url, "SELECT state FROM stream") == [("open",)]
-    wait_for(lambda: _db_rows(c.meta_url, "SELECT state FROM stream") == [("closed",)],
+    assert db_rows(c.meta_url, "SELECT state FROM stream") == [("open",)]
+    wait_for(lambda: db_rows(c.meta_url, "SELECT state FROM stream") == [("closed",)],
              "the MetaNode to fence the dead writer's stream", 60, 0.3)
-    assert _db_rows(c.meta_url, "SELECT count(*) FROM extent WHERE state = 'open'") == [(0,)]
+    assert db_rows(c.meta_url, "SELECT count(*) FROM extent WHERE state = 'open'") == [(0,)]
     assert "fenced stream" in c.metanodes[0].text()
 
-    sealed = dict(_db_rows(c.meta_url, "SELECT extent_id, sealed_length FROM extent"))
+    sealed = dict(db_rows(c.meta_url, "SELECT extent_id, sealed_length FROM extent"))
     last = max(sealed)
     for dn in c.datanodes:
         data_dir = Path(dn.argv[dn.argv.index("--data") + 1])

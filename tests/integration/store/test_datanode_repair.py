@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 import trio
-from cluster import Cluster, free_port, random_file, wait_for
+from cluster import Cluster, db_rows, free_port, random_file, wait_for
 
 from appendfs.store.codec import verify_blocks
 from appendfs.store.ec import Layout
@@ -46,15 +45,6 @@ def start(make_cluster, meta_url: str, *, datanodes: int, extent_max_bytes: int,
         c.add_datanode()
     c.wait_alive(datanodes)
     return c
-
-
-def db_rows(meta_url: str, query: str) -> list[tuple[Any, ...]]:
-    eng = sa.create_engine(meta_url)
-    try:
-        with eng.connect() as c:
-            return [tuple(r) for r in c.execute(sa.text(query))]
-    finally:
-        eng.dispose()
 
 
 def addresses(c: Cluster) -> dict[str, str]:

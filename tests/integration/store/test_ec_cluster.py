@@ -17,19 +17,11 @@ import shutil
 from pathlib import Path
 
 import sqlalchemy as sa
-from cluster import files_equal, random_file, wait_for
+from cluster import db_rows, files_equal, random_file, wait_for
 
 from appendfs.store.ec import Layout
 
 MiB = 1 << 20
-
-
-def db_rows(meta_url: str, query: str) -> list[tuple]:
-    eng = sa.create_engine(meta_url)
-    with eng.connect() as c:
-        rows = [tuple(r) for r in c.execute(sa.text(query))]
-    eng.dispose()
-    return rows
 
 
 def fragment_nodes(meta_url: str) -> dict[str, set[int]]:
