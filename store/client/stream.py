@@ -18,6 +18,14 @@ encoded (``ec.Codec.encode``) when placed, a short last stripe zero-padded to th
 boundary; the lane of fragment *i* sends fragment *i*'s records at their fragment offset.
 Acknowledgement, tickets (LOGICAL extent offsets), sealing at the acknowledged logical
 length and resending on a new extent (re-encoded there) are the replicated path's.
+
+An EC stream also buffers stripes on the way out: the writer coalesces queued appends into
+one op of up to ``append_bytes / cell_bytes`` stripes (``_batch_bytes``), so each fragment
+append carries about ``append_bytes`` of records instead of ``append_bytes / K`` (the
+DataNodes' cost is per request), and small appends share stripes instead of each padding
+one. It holds a partial batch only while at least a batch is in flight (self-clocking, like
+Nagle's algorithm): a lone or last append is sent at once, and one waiting behind a busy
+pipeline goes out as soon as acknowledgements drain it below a batch.
 """
 
 from __future__ import annotations
@@ -76,9 +84,9 @@ class Ticket:
 
 @dataclass
 class _Op:
-    ticket: Ticket
+    parts: list[tuple[Ticket, int]]  # whose bytes ``data`` holds, in order (one per append, or coalesced)
     data: bytes
-    digest: int
+    digest: int  # xxh3 of ``data`` (replicated streams only; EC ops send per-fragment digests)
     resends: int = 0
     # set while in flight on an extent:
     offset: int = 0  # logical extent offset (a stripe boundary for EC)
@@ -128,6 +136,11 @@ class LogStream:
         self.extent_max_bytes = extent_max_bytes
         cfg = client.cfg
         self._append_bytes = min(cfg.append_bytes, extent_max_bytes)
+        # EC: coalesce queued appends up to this many logical bytes (0: never, replicated streams)
+        self._batch_bytes = 0
+        if codec is not None:
+            lay = codec.layout
+            self._batch_bytes = min(max(1, cfg.append_bytes // lay.cell_bytes) * lay.stripe_bytes, extent_max_bytes)
         self._slots = max(1, cfg.window_bytes // self._append_bytes)
         self._window = trio.Semaphore(self._slots)
         self._send, self._recv = trio.open_memory_channel[_Op](self._slots)
@@ -167,7 +180,7 @@ class LogStream:
             if self._broken is not None:
                 raise self._broken
             try:
-                await self._send.send(_Op(ticket, part, checksum(part)))
+                await self._send.send(_Op([(ticket, len(part))], part, 0 if self._codec else checksum(part)))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise self._broken or StoreError(f"stream {self.stream_id} is closed") from None
         return ticket
@@ -236,7 +249,8 @@ class LogStream:
     def _break(self, err: BaseException, pending: deque[_Op]) -> None:
         self._broken = err
         for op in list(pending) + (list(self._extent.inflight) if self._extent else []):
-            op.ticket._fail(err)
+            for ticket, _ in op.parts:
+                ticket._fail(err)
         if self._last is not None:
             self._last._fail(err)
         self._recv.close()
@@ -293,12 +307,17 @@ class LogStream:
                     op = pending.popleft()
                 else:
                     nxt = await self._next_op(ext)
-                    if nxt is None:
+                    if not isinstance(nxt, _Op):  # closed, or the extent failed
                         break
                     op = nxt
                 if ext.length + self._span(op) > self.extent_max_bytes:
                     pending.appendleft(op)
                     break
+                if self._batch_bytes:
+                    op = await self._coalesce(ext, op, pending)
+                    if ext.failure.is_set():
+                        pending.appendleft(op)
+                        break
                 op.offset, op.acks, op.failed = ext.length, 0, False
                 ext.length += self._span(op)
                 if self._codec is not None:
@@ -327,15 +346,51 @@ class LogStream:
         op.frag_digests = [checksum(f) for f in op.frags]
         op.frag_off = layout.record_span(first, 0)[0]
 
-    async def _next_op(self, ext: _Extent) -> _Op | None:
-        """Next queued append, or None when the stream closes or the extent fails first."""
+    async def _coalesce(self, ext: _Extent, op: _Op, pending: deque[_Op]) -> _Op:
+        """``op`` joined with the appends queued behind it, up to a batch and the extent's room
+        (EC streams; see the module docstring for when a partial batch is held)."""
+        room = min(self._batch_bytes, self.extent_max_bytes - ext.length)
+        ops, size = [op], len(op.data)
+        closed = False
+        while not ext.failure.is_set():
+            nxt: _Op | bool | None
+            if pending:
+                nxt = pending.popleft()
+            elif closed or ext.length - ext.acked < self._batch_bytes:
+                try:  # the pipeline is short: take what is queued, wait for nothing
+                    nxt = self._recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            else:  # a batch or more in flight: wait for more data or for an acknowledgement
+                nxt = await self._next_op(ext, wake=ext.changed)
+                if nxt is None:
+                    closed = True
+                    continue
+                if nxt is False:
+                    continue
+            assert isinstance(nxt, _Op)
+            if self._codec is None or self._codec.layout.next_boundary(size + len(nxt.data)) > room:
+                pending.appendleft(nxt)
+                break
+            ops.append(nxt)
+            size += len(nxt.data)
+            if size >= room:
+                break
+        if len(ops) == 1:
+            return op
+        return _Op([p for o in ops for p in o.parts], b"".join(o.data for o in ops), 0, max(o.resends for o in ops))
+
+    async def _next_op(self, ext: _Extent, wake: trio.Event | None = None) -> _Op | bool | None:
+        """Next queued append; None when the stream closes or the extent fails first; False
+        when ``wake`` (default: the extent's failure) is set first."""
         try:  # the common case under load: an append is already queued, no need to wait
             return self._recv.receive_nowait()
         except trio.WouldBlock:
             pass
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return None
-        result: list[_Op | None] = []
+        woken = wake if wake is not None else ext.failure
+        result: list[_Op | bool | None] = []
         async with trio.open_nursery() as nursery:
             async def take() -> None:
                 try:
@@ -345,10 +400,15 @@ class LogStream:
                 nursery.cancel_scope.cancel()
 
             async def watch() -> None:
-                await ext.failure.wait()
+                await woken.wait()
+                if wake is not None:
+                    result.append(False)
                 nursery.cancel_scope.cancel()
             nursery.start_soon(take)
             nursery.start_soon(watch)
+        for got in result:  # an append that was received wins over a wake-up in the same tick
+            if isinstance(got, _Op):
+                return got
         return result[0] if result else None
 
     async def _drained(self, ext: _Extent) -> None:
@@ -410,6 +470,9 @@ class LogStream:
             op = ext.inflight.popleft()
             ext.acked = op.offset + len(op.data)
             self.bytes_acked += len(op.data)
-            self._window.release()
-            op.ticket._piece_done(Piece(ext.extent_id, op.offset, len(op.data)))
+            at = op.offset
+            for ticket, nbytes in op.parts:  # one window slot per append coalesced into op
+                self._window.release()
+                ticket._piece_done(Piece(ext.extent_id, at, nbytes))
+                at += nbytes
         ext.poke()

@@ -1,20 +1,25 @@
 """Seeded fault injection on the LogStream writer (in-process cluster, real sockets).
 
-A MetaNode and four DataNodes run in this process on loopback; one rep:3 stream appends
-random-sized chunks while a chaos task kills a DataNode (cancels it: its connections drop
-mid-request) and restarts it over the same directory, at seeded random moments. Extents
-are 1 MiB so rotation, seal and resend paths run many times. Whatever happens, every
-acknowledged append must read back byte for byte. A failing seed becomes a regression test.
+A MetaNode and four DataNodes run in this process on loopback; one rep:3 (or ec:2+1)
+stream appends random-sized chunks while a chaos task kills a DataNode (cancels it: its
+connections drop mid-request) and restarts it over the same directory, at seeded random
+moments. Extents are 1 MiB so rotation, seal and resend paths run many times. Whatever
+happens, every acknowledged append must read back byte for byte. A failing seed becomes a
+regression test. The EC runs use 4 KiB cells, so the writer's coalescing of queued appends
+into shared stripes (store/client/stream.py) is exercised on every extent switch too.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
+from sqlalchemy.engine import Engine
 
 from appendfs.db import make_engine
 from appendfs.format import format_cluster
@@ -75,9 +80,10 @@ async def chaos(nodes: list[Node], nursery: trio.Nursery, rng: random.Random, st
 SEEDS = int(os.environ.get("APPENDFS_FAULT_SEEDS", "6"))
 
 
-@pytest.mark.parametrize("seed", range(SEEDS))
-async def test_acknowledged_appends_survive_random_datanode_deaths(tmp_path: Path, seed: int) -> None:
-    rng = random.Random(seed)
+@asynccontextmanager
+async def in_process_cluster(tmp_path: Path, seed: int) -> AsyncIterator[tuple[str, Engine, list[Node],
+                                                                               trio.Nursery]]:
+    """A MetaNode and four DataNodes in this process (SQLite, 1 MiB extents)."""
     url = f"sqlite:///{tmp_path}/meta.db"
     secret = tmp_path / "secret"
     format_cluster(url, secret, extent_max_bytes=1 << 20)
@@ -86,24 +92,39 @@ async def test_acknowledged_appends_survive_random_datanode_deaths(tmp_path: Pat
     mcfg = MetaNodeConfig(listen="127.0.0.1:0", lease_ttl_s=10, dead_after_s=0.5, election_interval_s=0.1)
     meta = MetaNode(mcfg, engine, ClusterAuth(row.cluster_id, row.secret), int(row.extent_max_bytes),
                     rng=random.Random(seed))
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(meta.run)
+            address = f"127.0.0.1:{port}"
+            with trio.fail_after(10):
+                while meta.epoch is None:
+                    await trio.sleep(0.05)
+            nodes = [Node(tmp_path / f"dn{i}", secret, address) for i in range(4)]
+            for node in nodes:
+                await node.start(nursery)
+            with trio.fail_after(10):
+                while sum(1 for n in meta.nodes.values() if trio.current_time() - n.last_seen < 0.5) < 4:
+                    await trio.sleep(0.05)
+            yield url, engine, nodes, nursery
+            nursery.cancel_scope.cancel()
+    finally:
+        engine.dispose()
+
+
+CASES = [(r, seed) for r in ("rep:3", "ec:2+1") for seed in range(SEEDS)]
+
+
+@pytest.mark.parametrize(("redundancy", "seed"), CASES)
+async def test_acknowledged_appends_survive_random_datanode_deaths(tmp_path: Path, redundancy: str,
+                                                                   seed: int) -> None:
+    rng = random.Random(seed)
     written: list[tuple[object, bytes]] = []
     switches = 0
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(meta.run)
-        address = f"127.0.0.1:{port}"
-        with trio.fail_after(10):
-            while meta.epoch is None:
-                await trio.sleep(0.05)
-        nodes = [Node(tmp_path / f"dn{i}", secret, address) for i in range(4)]
-        for node in nodes:
-            await node.start(nursery)
-        with trio.fail_after(10):
-            while sum(1 for n in meta.nodes.values() if trio.current_time() - n.last_seen < 0.5) < 4:
-                await trio.sleep(0.05)
+    async with in_process_cluster(tmp_path, seed) as (url, engine, nodes, nursery):
         cfg = ClientConfig(append_bytes=256 << 10, window_bytes=2 << 20, append_timeout_s=5.0,
-                           placement_wait_s=20.0, max_resends=50)
+                           placement_wait_s=20.0, max_resends=50, ec_cell_bytes=4096)
         async with StoreClient.connect(url, cfg, engine=engine) as client:
-            stream = await client.create_stream("raw", "rep:3")
+            stream = await client.create_stream("raw", redundancy)
             stop = trio.Event()
             nursery.start_soon(chaos, nodes, nursery, rng, stop)
             for _ in range(150):
@@ -118,6 +139,27 @@ async def test_acknowledged_appends_survive_random_datanode_deaths(tmp_path: Pat
                 pieces = await ticket.wait()  # type: ignore[attr-defined]
                 got = b"".join([await client.read(p.extent_id, p.ext_off, p.length) for p in pieces])
                 assert got == data
-        nursery.cancel_scope.cancel()
-    engine.dispose()
-    print(f"seed {seed}: {len(written)} appends, {switches} extent switches after failures")
+    print(f"{redundancy} seed {seed}: {len(written)} appends, {switches} extent switches after failures")
+
+
+async def test_ec_writer_coalesces_small_appends_into_shared_stripes(tmp_path: Path) -> None:
+    """400 appends of 3,000 bytes on ec:2+1 with 8 KiB stripes: appended one by one, each
+    would pad a stripe of its own (3.2 MB of extent space); queued behind a busy pipeline
+    they share stripes, so the stream takes well under half of that — and every append
+    still reads back exactly, at the place its ticket names."""
+    async with in_process_cluster(tmp_path, 7) as (url, engine, _nodes, _nursery):
+        cfg = ClientConfig(append_bytes=64 << 10, window_bytes=4 << 20, ec_cell_bytes=4096)
+        async with StoreClient.connect(url, cfg, engine=engine) as client:
+            stream = await client.create_stream("raw", "ec:2+1")
+            rng = random.Random(7)
+            written = [(await stream.append(data), data) for data in (rng.randbytes(3000) for _ in range(400))]
+            await stream.close()
+            ends: dict[int, int] = {}
+            for ticket, data in written:
+                pieces = await ticket.wait()
+                got = b"".join([await client.read(p.extent_id, p.ext_off, p.length) for p in pieces])
+                assert got == data
+                for p in pieces:
+                    ends[p.extent_id] = max(ends.get(p.extent_id, 0), p.ext_off + p.length)
+            used = sum(ends.values())
+            assert used < 0.5 * 400 * 8192, f"{used} bytes of extent space for 1.2 MB: appends were not coalesced"
