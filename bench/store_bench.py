@@ -310,14 +310,18 @@ class Payload:
         return self._twice[start:start + length]
 
 
-async def store_write(meta_url: str, redundancy: str, payload: Payload) -> list[tuple[int, int, int]]:
-    """Append the payload to a new stream in 1 MiB appends; return its (extent, offset, length) pieces."""
+async def store_write(meta_url: str, redundancy: str, payload: Payload,
+                      out: dict[str, float] | None = None) -> list[tuple[int, int, int]]:
+    """Append the payload to a new stream in 1 MiB appends; return its (extent, offset, length) pieces
+    (``out``, if given, gets the stream's ``encode_cpu_s``)."""
     async with StoreClient.connect(meta_url, ClientConfig()) as client:
         stream = await client.create_stream("raw", redundancy)
         tickets = []
         for pos in range(0, payload.size, APPEND_BYTES):
             tickets.append(await stream.append(payload.append_at(pos)))
         await stream.close()
+        if out is not None:
+            out["encode_cpu_s"] = stream.encode_cpu_s
         pieces: list[tuple[int, int, int]] = []
         for t in tickets:
             for p in await t.wait():

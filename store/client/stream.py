@@ -31,6 +31,7 @@ pipeline goes out as soon as acknowledgements drain it below a batch.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -152,6 +153,7 @@ class LogStream:
         self.extents_used: list[int] = []
         self.bytes_acked = 0
         self.switches = 0
+        self.encode_cpu_s = 0.0  # EC: CPU time of this writer's Codec.encode calls (thread time)
 
     # ---- public API -----------------------------------------------------------------
 
@@ -342,7 +344,9 @@ class LogStream:
         assert self._codec is not None
         layout = self._codec.layout
         first = layout.stripe_of(op.offset)
+        t0 = time.thread_time()
         op.frags = self._codec.encode(op.data, extent_id=ext.extent_id, first_stripe=first)
+        self.encode_cpu_s += time.thread_time() - t0
         op.frag_digests = [checksum(f) for f in op.frags]
         op.frag_off = layout.record_span(first, 0)[0]
 
