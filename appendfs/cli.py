@@ -189,7 +189,8 @@ def datanode_cmd(config_file: Path | None, **flags: Any) -> None:
     ident = claim_data_dir(cfg.data, auth.cluster_id)
     store = ExtentStore(FileBackend(cfg.data, cfg.capacity_bytes, cfg.direct_io), high_water=cfg.high_water,
                         reserve_bytes=cfg.reserve_bytes, read_threads=cfg.read_threads,
-                        commit_bytes=cfg.commit_bytes, commit_wait_s=cfg.commit_wait_s)
+                        commit_bytes=cfg.commit_bytes, commit_wait_s=cfg.commit_wait_s,
+                        inline_write_bytes=cfg.inline_write_bytes)
     recovering = store.recover()
     if recovering:
         log.info("%d extents were open at the last stop; they reconcile with the MetaNode", len(recovering))

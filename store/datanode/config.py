@@ -32,6 +32,9 @@ class DataNodeConfig:
     direct_io: bool = option(True, "write extent data with O_DIRECT (falls back to buffered where refused)")
     commit_wait_s: float = option(0.005, "a group commit waits up to this long for writes still in flight to join it", non_negative)
     commit_bytes: int = option(8 << 20, "... but no longer than until this many bytes are waiting", positive)
+    inline_write_bytes: int = option(64 << 10, "appends up to this size are written on the event loop when the "
+                                               "device's write lane is idle (saves a thread hand-off; 0: never)",
+                                     non_negative)
     capacity_bytes: int | None = option(None, "cap the device below the filesystem size (bytes)", positive)
     high_water: float = option(0.95, "fraction of capacity above which the device takes no new extents", fraction)
     reserve_bytes: int = option(64 << 20, "free bytes kept back: below this the device takes no new extents", non_negative)

@@ -233,9 +233,19 @@ async def test_read_past_the_end_refused(store: ExtentStore) -> None:
         assert error_of(err, "out_of_range").details["length"] == 100
 
 
-async def test_read_while_a_later_append_is_in_flight(store: ExtentStore) -> None:
+@pytest.fixture
+async def threaded_store(device: Path, backends: list[FileBackend]) -> AsyncIterator[ExtentStore]:
+    """A store that writes every append through its write lane's thread (none inline)."""
+    store = open_store(device, backends, inline_write_bytes=0)
+    store.recover()
+    async with serving(store):
+        yield store
+
+
+async def test_read_while_a_later_append_is_in_flight(threaded_store: ExtentStore) -> None:
     # Regression: the growing last block was vouched for with the in-memory tail, which
     # already holds the bytes of the append still being written, so the read did not verify.
+    store = threaded_store
     await store.create(meta())
     first = payload(100, seed=1)
     await append(store, 0, first)
@@ -256,6 +266,40 @@ async def test_read_while_a_later_append_is_in_flight(store: ExtentStore) -> Non
         backend.gate = None
         first += second
     await assert_reads_verify(store, first)
+
+
+async def test_small_appends_are_written_inline_only_while_the_write_lane_is_idle(
+        device: Path, backends: list[FileBackend]) -> None:
+    """Appends up to ``inline_write_bytes`` skip the thread hand-off when no write is in the
+    device's lane; one arriving while a write is held there queues behind it in order."""
+    store = open_store(device, backends, inline_write_bytes=8192)
+    store.recover()
+    async with serving(store):
+        await store.create(meta())
+        await store.create(meta(EXT + 1))
+        small, big = payload(3000, seed=4), payload(9000, seed=5)
+        await append(store, 0, small)
+        await append(store, len(small), big)  # larger than inline_write_bytes: the thread
+        assert store.stats["writes_inline"] == 1
+        backend = store.backend
+        assert isinstance(backend, GatedBackend)
+        backend.gate = threading.Event()
+        held = payload(20000, seed=6)
+        other = payload(100, seed=7)
+        async with trio.open_nursery() as nursery:
+            first = Started()
+            nursery.start_soon(store.append, EXT + 1, 0, held, checksum(held), first)
+            await first.event.wait()
+            while not store._write_lane.borrowed_tokens:  # the held write is in the lane
+                await trio.sleep(0.001)
+            nursery.start_soon(append, store, len(small) + len(big), other)
+            await trio.sleep(0.05)
+            assert store.stats["writes_inline"] == 1  # the small one waits in the lane
+            backend.gate.set()
+        backend.gate = None
+        assert store.stats["writes_inline"] == 1
+        await assert_reads_verify(store, small + big + other)
+        await assert_reads_verify(store, held, extent_id=EXT + 1)
 
 
 # ---- seal ---------------------------------------------------------------------------------
