@@ -12,8 +12,9 @@ returns plain tuples.
 Rules that keep this safe:
 
 * Only for statements whose bound values and result columns need no type processing:
-  integers and ``bytes``, which both drivers take and return as they are (so no
-  :class:`~appendfs.meta.schema.U64` column). Expanding (``IN``) parameters are refused.
+  integers, ``bytes`` and ``str`` (plain text columns), which both drivers take and
+  return as they are (so no :class:`~appendfs.meta.schema.U64` column). Expanding
+  (``IN``) parameters are refused.
 * Driver errors are wrapped exactly as SQLAlchemy wraps them (``DBAPIError.instance``),
   and a disconnect invalidates the connection, so :mod:`appendfs.meta.txn`'s retry and
   error rules (:func:`appendfs.db.is_retryable`, :func:`appendfs.db.is_unreachable`) see

@@ -261,6 +261,17 @@ def insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) 
     return 0 if conn.execute(stmt).first() is None else 1
 
 
+def insert_inode(conn: sa.Connection, a: Attr) -> None:
+    """INSERT the inode row ``a`` (prebuilt statement: the create paths' hot insert)."""
+    _INSERT_INODE.rowcount(conn, **{f: getattr(a, f) for f in _ATTR_FIELDS})
+
+
+def insert_dentry(conn: sa.Connection, parent: int, name: bytes, ino: int, kind: int) -> bool:
+    """INSERT one entry unless ``name`` exists in ``parent`` (ON CONFLICT DO NOTHING,
+    prebuilt); False when it does."""
+    return _INSERT_DENTRY_IGNORE.first(conn, parent=parent, name=name, ino=ino, kind=kind) is not None
+
+
 def get_dentry(conn: sa.Connection, parent: int, name: bytes) -> tuple[int, int] | None:
     row = _GET_DENTRY.first(conn, b_parent=parent, b_name=name)
     return None if row is None else (row[0], row[1])
@@ -487,8 +498,8 @@ def make(
         0,
         0,
     )
-    _INSERT_INODE.rowcount(conn, **{f: getattr(a, f) for f in _ATTR_FIELDS})
-    if _INSERT_DENTRY_IGNORE.first(conn, parent=parent, name=name, ino=a.ino, kind=a.kind) is None:
+    insert_inode(conn, a)
+    if not insert_dentry(conn, parent, name, a.ino, a.kind):
         raise FsError(errno.EEXIST, f"{name[:64]!r} exists in directory {parent}")
     if new.target is not None:
         conn.execute(schema.symlink.insert().values(ino=a.ino, target=new.target))
@@ -514,7 +525,7 @@ def link(conn: sa.Connection, ino: int, parent: int, name: bytes, now: int) -> A
     if a.is_dir:
         raise FsError(errno.EPERM, "hard links to directories are not allowed")
     require_dir(conn, parent, locked.get(parent))
-    if not insert_ignore(conn, D, {"parent": parent, "name": name, "ino": ino, "kind": a.kind}):
+    if not insert_dentry(conn, parent, name, ino, a.kind):
         raise FsError(errno.EEXIST, f"{name[:64]!r} exists in directory {parent}")
     a = update_inode(conn, a, nlink=a.nlink + 1, ctime_ns=now)
     update_inode(conn, locked[parent], mtime_ns=now, ctime_ns=now)

@@ -45,6 +45,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from appendfs.meta import data, ops, schema
 from appendfs.meta.errors import FsError, S3Error
+from appendfs.meta.fastsql import Stmt
 from appendfs.meta.slices import NewSlice
 from appendfs.meta.txn import Retry
 from appendfs.meta.types import (
@@ -402,8 +403,8 @@ def _bucket_dir(conn: sa.Connection, bucket_ino: int) -> Attr:
     return a
 
 
-_XATTR_ONE = sa.select(schema.xattr.c.name, schema.xattr.c.value).where(
-    schema.xattr.c.ino == sa.bindparam("src"), schema.xattr.c.name == sa.bindparam("name"))
+_XATTR_ONE = Stmt(lambda _d: sa.select(schema.xattr.c.name, schema.xattr.c.value).where(
+    schema.xattr.c.ino == sa.bindparam("src"), schema.xattr.c.name == sa.bindparam("name")))
 
 
 def _inherit(conn: sa.Connection, src: int, dst: int, names: Sequence[bytes]) -> None:
@@ -412,10 +413,11 @@ def _inherit(conn: sa.Connection, src: int, dst: int, names: Sequence[bytes]) ->
         return
     X = schema.xattr
     if len(names) == 1:  # the gateway's case (the redundancy policy): a prebuilt statement
-        rows = conn.execute(_XATTR_ONE, {"src": src, "name": names[0]})
+        rows = _XATTR_ONE.rows(conn, src=src, name=names[0])
     else:
-        rows = conn.execute(sa.select(X.c.name, X.c.value).where(X.c.ino == src, X.c.name.in_(names)))
-    values = [{"ino": dst, "name": r.name, "value": r.value} for r in rows]
+        rows = [tuple(r) for r in conn.execute(sa.select(X.c.name, X.c.value).where(X.c.ino == src,
+                                                                                      X.c.name.in_(names)))]
+    values = [{"ino": dst, "name": name, "value": value} for name, value in rows]
     if values:
         conn.execute(X.insert(), values)
 
@@ -603,8 +605,7 @@ def _put_dir(conn: sa.Connection, put: Put, d: Attr, created: bool) -> S3Object:
     return S3Object(put.key, d, EMPTY_MD5, dict(put.body.headers), True)
 
 
-_INSERT_INODE = I.insert()
-_INSERT_OBJ = OBJ.insert()
+_INSERT_OBJ = Stmt(lambda _d: OBJ.insert())  # ino, gen, etag, headers (ints and text)
 
 
 def _new_file(conn: sa.Connection, put: Put, parent: int, ino: int, now: int) -> Attr:
@@ -627,11 +628,11 @@ def _new_file(conn: sa.Connection, put: Put, parent: int, ino: int, now: int) ->
         0,
         len(b.slices),
     )
-    conn.execute(_INSERT_INODE, a._asdict())
+    ops.insert_inode(conn, a)
     data.insert_slices(conn, a._replace(slice_seq=0), b.slices)  # seqs 1..n: later ones win
     _inherit(conn, parent, ino, o.inherit)
     etag = None if b.etag is None else strip_etag(b.etag)
-    conn.execute(_INSERT_OBJ, {"ino": ino, "gen": a.gen, "etag": etag, "headers": headers_json(b.headers)})
+    _INSERT_OBJ.rowcount(conn, ino=ino, gen=a.gen, etag=etag, headers=headers_json(b.headers))
     return a
 
 
@@ -652,8 +653,7 @@ def _put_file(
     if found is None:
         check_conditions(put.cond, False, None, 0)
         a = _new_file(conn, put, parent.ino, ino, now)
-        entry = {"parent": parent.ino, "name": name, "ino": ino, "kind": stat.S_IFREG}
-        if not ops.insert_ignore(conn, D, entry):
+        if not ops.insert_dentry(conn, parent.ino, name, ino, stat.S_IFREG):
             raise Retry(f"{name!r} was created in {parent.ino} meanwhile")
         if gran == 0 or parent.mtime_ns < now - gran:
             ops.touch_dir(conn, parent.ino, now, gran)
