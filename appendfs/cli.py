@@ -354,6 +354,8 @@ def mount_cmd(meta_url: str, config_file: Path | None, mountpoint: Path, foregro
 @click.option("--tls-cert-file", default=None, metavar="PEM", help="serve HTTPS with this certificate")
 @click.option("--tls-key-file", default=None, metavar="PEM", help="private key of --tls-cert-file")
 @click.option("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus /metrics here")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="gateway processes sharing the socket [0: one per CPU, at most 8]")
 @click.option("--log-level", default=None)
 @click.pass_context
 @guarded
@@ -367,7 +369,7 @@ def s3_group(ctx: click.Context, meta_url: str | None, config_file: Path | None,
     from appendfs.config import load
     from appendfs.fs import FsConfig
     from appendfs.s3.config import S3Config
-    from appendfs.s3.server import serve
+    from appendfs.s3.server import run_gateway
     from appendfs.store.client.config import ClientConfig
 
     cfg = load(S3Config, "s3", file=config_file, flags=flags)
@@ -375,10 +377,7 @@ def s3_group(ctx: click.Context, meta_url: str | None, config_file: Path | None,
     ccfg = load(ClientConfig, "client", file=config_file)
     setup_logging(cfg.log_level)
 
-    async def run() -> None:
-        await serve(meta_url, cfg, fcfg, ccfg)
-
-    run_daemon(run)
+    sys.exit(run_gateway(meta_url, cfg, fcfg, ccfg, run_daemon))
 
 
 @s3_group.group("keys")

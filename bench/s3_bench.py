@@ -114,12 +114,14 @@ class GatewayProc:
 
     meta_url: str
     log: Path
+    workers: int | None = None  # --workers (None: the gateway's default, one per CPU)
     port: int = field(default_factory=sb.free_port)
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60) -> GatewayProc:
+        extra = [] if self.workers is None else ["--workers", str(self.workers)]
         self.popen = mb.spawn([str(sb.APPENDFS), "s3", "--meta", self.meta_url, "--listen",
-                               f"127.0.0.1:{self.port}"], self.log)
+                               f"127.0.0.1:{self.port}", *extra], self.log)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.popen.poll() is not None:
@@ -134,6 +136,15 @@ class GatewayProc:
     def pid(self) -> int:
         assert self.popen is not None
         return self.popen.pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The gateway's processes: the supervisor and its workers (or the one process)."""
+        kids: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                kids += [int(x) for x in (task / "children").read_text().split()]
+        return [self.pid, *sorted(kids)]
 
     @property
     def endpoint(self) -> str:
@@ -293,20 +304,21 @@ class Meter:
 
 
 @contextlib.contextmanager
-def profiling(profile_dir: Path | None, name: str, pid: int) -> Iterator[None]:
-    """``py-spy record --nonblocking`` of ``pid`` (raw collapsed stacks) for the block, twice:
-    ``NAME.txt`` samples every thread py-spy finds active (native code that released the GIL,
-    such as MD5 or socket sends, included — but also some waits), ``NAME-gil.txt`` only the
-    thread holding the GIL (Python CPU time). Never blocking: py-spy pausing a process that
+def profiling(profile_dir: Path | None, name: str, pids: dict[str, int]) -> Iterator[None]:
+    """``py-spy record --nonblocking`` of each process in ``pids`` (role prefix → pid; raw
+    collapsed stacks) for the block, twice: ``PREFIXNAME.txt`` samples every thread py-spy
+    finds active (native code that released the GIL, such as MD5 or socket sends, included —
+    but also some waits), ``PREFIXNAME-gil.txt`` only the thread holding the GIL (Python CPU
+    time). Never blocking: py-spy pausing a process that
     serves our own requests (and, for a FUSE server, its own mount) can deadlock."""
     if profile_dir is None:
         yield
         return
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    procs = [subprocess.Popen([spy, "record", "--nonblocking", *extra, "--format", "raw", "--rate", "100",
-                               "-o", str(profile_dir / f"{name}{suffix}.txt"), "--pid", str(pid)],
+    procs = [subprocess.Popen([spy, "record", "--nonblocking", "--subprocesses", *extra, "--format", "raw", "--rate", "100",
+                               "-o", str(profile_dir / f"{prefix}{name}{suffix}.txt"), "--pid", str(pid)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for extra, suffix in (([], ""), (["--gil"], "-gil"))]
+             for prefix, pid in pids.items() for extra, suffix in (([], ""), (["--gil"], "-gil"))]
     time.sleep(1.0)  # let py-spy attach
     try:
         yield
@@ -386,8 +398,9 @@ def per_gib(u: Usage | None, role: str, nbytes: int) -> str:
 
 
 def busy(u: Usage | None, role: str) -> str:
-    """How busy ``role`` was during the phase: its CPU seconds over the wall time. The gateway is
-    one Python process: near 100% it is CPU-bound, whatever the rest of the machine does."""
+    """How busy ``role`` was during the phase: its CPU seconds over the wall time (summed over
+    its processes: the gateway's supervisor and workers). One gateway process near 100% is
+    CPU-bound, whatever the rest of the machine does; N workers can reach N x 100%."""
     if u is None or role not in u.cpu or u.seconds <= 0:
         return "—"
     return f"{u.cpu[role].total_s / u.seconds * 100:.0f}%"
@@ -491,7 +504,7 @@ class Bench:
     def _roles(self) -> dict[str, list[int]]:
         roles: dict[str, list[int]] = {"bench": [os.getpid()]}
         if self.gateway is not None and self.gateway.popen is not None:
-            roles["gateway"] = [self.gateway.pid]
+            roles["gateway"] = self.gateway.pids
         if self.fuse is not None and self.fuse.popen is not None:
             roles["mount"] = [self.fuse.pid]
         if self.cluster is not None:
@@ -513,7 +526,8 @@ class Bench:
         else:
             os.sync()
         try:
-            with profiling(self.args.profile if profile else None, profile or "", self.gw.pid), \
+            pids = {"": self.gw.pid, **({"datanode0-": self.cluster.dn_pids[0]} if self.cluster else {})}
+            with profiling(self.args.profile if profile else None, profile or "", pids), \
                     self.meter.phase(usage):
                 summary = fn()
             busiest = ", ".join(f"{name} {cpu:.1f} s" for name, cpu in usage.top_others)
@@ -537,7 +551,7 @@ class Bench:
                                                    "--foreground", str(mnt)], mnt, self.root / "mount.log")
         self.fuse.start()
         progress("starting the S3 gateway (default settings)")
-        self.gateway = GatewayProc(self.meta_url, self.root / "s3.log").start()
+        self.gateway = GatewayProc(self.meta_url, self.root / "s3.log", self.args.s3_workers).start()
         access, secret = create_key(self.meta_url, TENANT)
         self.signer = Presigner(self.gw.endpoint, access, secret)
         self.signer.client.create_bucket(Bucket=DATA_BUCKET)  # through the gateway
@@ -545,7 +559,7 @@ class Bench:
         if self.args.redundancy:
             for d in (mnt / "seq", mnt / DATA_BUCKET):  # new files and directories below inherit it
                 os.setxattr(d, POLICY_XATTR, self.args.redundancy.encode())
-        progress(f"gateway pid {self.gw.pid} on {self.gw.endpoint}; mount pid {self.fuse.pid}; "
+        progress(f"gateway pids {self.gw.pids} on {self.gw.endpoint}; mount pid {self.fuse.pid}; "
                  f"redundancy {self.args.redundancy or 'the default ([fs] redundancy)'}")
 
     def close(self) -> None:
@@ -829,7 +843,8 @@ def report(bench: Bench, args: argparse.Namespace, base: Path, interrupted: bool
     engine = "PostgreSQL (--pg)" if args.pg else "SQLite"
     print(f"# s3_bench: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load after {sb.loadavg()}; "
           f"scratch on {sb.disk_of(base)}; namespace {engine}; redundancy "
-          f"{args.redundancy or 'default ([fs] redundancy)'}")
+          f"{args.redundancy or 'default ([fs] redundancy)'}; gateway workers "
+          f"{args.s3_workers if args.s3_workers is not None else f'default ({os.cpu_count()} here)'}")
     print("# caches dropped before every phase except the warm listing walks; CPU is utime+stime from /proc/PID/stat")
     print()
     print(large_table(r, args.large_objects))
@@ -875,7 +890,10 @@ def main() -> None:
                     help="set user.appendfs.redundancy on the data bucket and the mount's directory "
                     "(e.g. rep:1) [none: the cluster's default]")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                    help="record py-spy profiles of the gateway during the S3 phases here (disturbs the numbers)")
+                    help="record py-spy profiles of the gateway and of one DataNode during the S3 phases here "
+                         "(disturbs the numbers)")
+    ap.add_argument("--s3-workers", type=int, default=None, metavar="N",
+                    help="the gateway's --workers [its default: one per CPU]")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, cluster data)")
     args = ap.parse_args()
     if min(args.large_objects, args.objects, args.clients, args.keys) < 1 or args.populate_threads < 0:

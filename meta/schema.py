@@ -45,6 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from appendfs.errors import NotFormatted, VersionMismatch
+from appendfs.meta.errors import MetaUnavailable
 
 #: Bump on every incompatible change; ``check_schema`` refuses any other version.
 SCHEMA_VERSION = 2
@@ -657,11 +658,17 @@ def create_schema(engine: Engine) -> None:
 
 
 def check_schema(engine: Engine) -> None:
-    """Raise NotFormatted / VersionMismatch unless the namespace has this code's version."""
-    with engine.connect() as conn:
-        found = _read_version(conn)
-        conn.rollback()
+    """Raise NotFormatted / VersionMismatch unless the namespace has this code's version
+    (MetaUnavailable, one clear line, when the database cannot be opened at all)."""
     url = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            found = _read_version(conn)
+            conn.rollback()
+    except sa.exc.DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        raise MetaUnavailable(f"cannot open the namespace database {url}: {reason} "
+                              "(check META_URL and that the database is running)") from exc
     if found is None:
         raise NotFormatted(
             f"{url} has no appendfs namespace schema: run `appendfs format {url}` first"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from appendfs.config import host_port, option, positive
+from appendfs.config import host_port, non_negative, option, positive
 
 
 def _region(value: str) -> str | None:
@@ -38,7 +38,9 @@ class S3Config:
     read_timeout_s: float = option(120.0, "a client that sends nothing for this long is disconnected", positive)
     tls_cert_file: str | None = option(None, "PEM certificate (chain): serve HTTPS instead of HTTP")
     tls_key_file: str | None = option(None, "PEM private key of tls_cert_file")
-    metrics: str | None = option(None, "serve Prometheus /metrics on HOST:PORT", host_port)
+    workers: int = option(0, "gateway processes sharing the listening socket (0: one per CPU, at most 8; "
+                             "one Python process serves one core at most)", non_negative)
+    metrics: str | None = option(None, "serve Prometheus /metrics on HOST:PORT (the sum over the workers)", host_port)
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:

@@ -33,10 +33,13 @@ def test_https_streams_aws_chunked_with_trailing_checksums(s3env: S3Env, bucket:
         s3.complete_multipart_upload(Bucket=bucket, Key="tls/multi", UploadId=uid, MultipartUpload={
             "Parts": [{"PartNumber": 1, "ETag": p1["ETag"]}, {"PartNumber": 2, "ETag": p2["ETag"]}]})
         assert s3.get_object(Bucket=bucket, Key="tls/multi")["Body"].read() == data + data + b"end"
-        # the uploads above really came as aws-chunked bodies (what boto3 sends over HTTPS)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
-        chunked = [line for line in text.splitlines() if line.startswith("appendfs_s3_aws_chunked_requests ")]
-        assert chunked and float(chunked[0].split()[1]) >= 5, chunked
+        # the uploads above really came as aws-chunked bodies (what boto3 sends over HTTPS);
+        # /metrics is the sum over the gateway's workers, which report every second
+        def chunked_requests() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+            found = [line for line in text.splitlines() if line.startswith("appendfs_s3_aws_chunked_requests ")]
+            return float(found[0].split()[1]) if found else 0.0
+        wait_for(lambda: chunked_requests() >= 5, "5 aws-chunked requests counted in /metrics", timeout_s=30)
     finally:
         gw.stop()
 
