@@ -79,6 +79,11 @@ class ExtentStore:
                  inline_write_bytes: int = 64 << 10) -> None:
         self.backend = backend
         self.inline_write_bytes = inline_write_bytes
+        # Appends between entering the write lane and recording their entries. The lane's
+        # token is returned when the worker thread finishes, before the append's task runs
+        # again to record its entries: an inline write in that gap would record newer
+        # entries first, and the older ones would then overwrite them (a partial block's).
+        self._lane_appends = 0
         self.commit_bytes = commit_bytes
         self.commit_wait_s = commit_wait_s
         self._batch_bytes = 0  # bytes written since the last batch was taken
@@ -258,13 +263,19 @@ class ExtentStore:
         started.started()  # the next request of this connection may now be read
         t0 = time.perf_counter()
         try:
-            if len(data) <= self.inline_write_bytes and not self._write_lane.borrowed_tokens:
-                # Nothing is in the lane (so no waiter either) and this does not yield: no
-                # other write can start before it ends.
+            if len(data) <= self.inline_write_bytes and not self._write_lane.borrowed_tokens \
+                    and not self._lane_appends:
+                # No write is in the lane or waiting for it, no append is between its write and
+                # recording its entries, and this does not yield: it is next in every order.
                 self._timed_write(extent_id, offset, data)
                 self.stats["writes_inline"] += 1
             else:
-                await trio.to_thread.run_sync(self._timed_write, extent_id, offset, data, limiter=self._write_lane)
+                self._lane_appends += 1
+                try:
+                    await trio.to_thread.run_sync(self._timed_write, extent_id, offset, data,
+                                                  limiter=self._write_lane)
+                finally:
+                    self._lane_appends -= 1  # (no yield from here until the entries are recorded)
         except (OSError, BackendError) as exc:
             ext.failed = f"write failed: {exc}"
             raise ExtentError("io_error", ext.failed) from None

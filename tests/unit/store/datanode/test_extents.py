@@ -545,8 +545,9 @@ class _NoStarted:
 
 
 async def test_a_commit_waits_for_writes_in_flight_to_join_it(device: Path, backends: list[FileBackend]) -> None:
-    """Pipelined appends whose writes are already in the device lane share one flush."""
-    store = open_store(device, backends, commit_wait_s=5.0, commit_bytes=1 << 30)
+    """Pipelined appends whose writes are already in the device lane share one flush (the
+    lane's threads: inline writes finish before the commit looks)."""
+    store = open_store(device, backends, commit_wait_s=5.0, commit_bytes=1 << 30, inline_write_bytes=0)
     store.recover()
     async with serving(store):
         await store.create(meta())
