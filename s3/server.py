@@ -223,6 +223,9 @@ class _Supervisor:
             env = {**os.environ, WORKER_ENV: f"{index}:{self.sock.fileno()}:{wfd}"}
             try:
                 proc = await trio.lowlevel.open_process(argv, env=env, pass_fds=(self.sock.fileno(), wfd))
+            except BaseException:
+                os.close(rfd)
+                raise
             finally:
                 os.close(wfd)
             self.procs[index] = proc
