@@ -11,6 +11,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
 from cluster import APPENDFS, free_port, wait_for
 from s3gw import S3Env, S3Gateway
 
@@ -35,6 +36,8 @@ def metric(port: int, name: str) -> float | None:
     return None
 
 
+# The supervisor does not touch the namespace: one engine is enough (the suite's time budget).
+@pytest.mark.parametrize("s3env", ["sqlite"], indirect=True)
 def test_workers_serve_one_socket_and_a_killed_worker_is_replaced(s3env: S3Env, bucket: str) -> None:
     metrics = free_port()
     gw = S3Gateway(s3env.cluster, "s3-workers", env={"APPENDFS_S3_WORKERS": "3",
@@ -74,6 +77,7 @@ def test_workers_serve_one_socket_and_a_killed_worker_is_replaced(s3env: S3Env, 
         gw.stop()
 
 
+@pytest.mark.parametrize("s3env", ["sqlite"], indirect=True)
 def test_what_every_worker_needs_is_checked_once_with_one_clear_line(tmp_path: Path, s3env: S3Env) -> None:
     """A database that cannot be opened, a TLS certificate that cannot be loaded: the
     supervisor says so in one line (no traceback) and exits before starting workers."""
