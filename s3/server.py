@@ -192,9 +192,10 @@ async def _report_stats(fd: int, counters: Callable[[], dict[str, float]]) -> No
 
 def _listening_socket(cfg: S3Config) -> socket.socket:
     """Bind ``cfg.listen`` once, as hypercorn would, for every worker to accept from."""
-    sockets = hyper_config(cfg).create_sockets()
+    hc = hyper_config(cfg)
+    sockets = hc.create_sockets()
     sock = (sockets.secure_sockets or sockets.insecure_sockets)[0]
-    sock.listen(hyper_config(cfg).backlog)
+    sock.listen(hc.backlog)
     sock.set_inheritable(True)
     return sock
 

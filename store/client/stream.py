@@ -353,6 +353,8 @@ class LogStream:
     async def _coalesce(self, ext: _Extent, op: _Op, pending: deque[_Op]) -> _Op:
         """``op`` joined with the appends queued behind it, up to a batch and the extent's room
         (EC streams; see the module docstring for when a partial batch is held)."""
+        assert self._codec is not None  # only EC streams have a batch size
+        layout = self._codec.layout
         room = min(self._batch_bytes, self.extent_max_bytes - ext.length)
         ops, size = [op], len(op.data)
         closed = False
@@ -373,7 +375,7 @@ class LogStream:
                 if nxt is False:
                     continue
             assert isinstance(nxt, _Op)
-            if self._codec is None or self._codec.layout.next_boundary(size + len(nxt.data)) > room:
+            if layout.next_boundary(size + len(nxt.data)) > room:
                 pending.appendleft(nxt)
                 break
             ops.append(nxt)

@@ -7,8 +7,9 @@ the connection to read its next request, writes the bytes through the device's s
 write lane, and waits for the group commit that makes them durable. A small append
 (``inline_write_bytes``) that finds the write lane idle is written on the event loop
 itself: a 4 KiB O_DIRECT write takes ~40 µs here, a hand-off to the lane's thread and back
-costs more than that in CPU and several times that in wake-up latency, and an idle lane
-means no earlier write of any extent is still in flight, so order is kept:
+costs more than that in CPU and several times that in wake-up latency. Order is kept
+because it happens only when no write is in the lane and no lane append is between its
+write and recording its block entries (``_lane_appends``):
 
     sync data files → write their new checksum entries → sync checksum files → wake waiters
 
