@@ -111,12 +111,17 @@ class Maintainer:
         for node_id in list(self.sweep):
             self.sweep.discard(node_id)
             await self._sweep_orphans(node_id)
+        # Extents with a move running when the views are read stay busy this round even if the
+        # move ends during the read: the views may predate its switch, and planning from
+        # them would run the same transcode or move a second time over its live result.
+        running_before = set(self.running)
         views, states = await self.meta._read(lambda c: (extent_views(c), _node_states(c)))
         self.meta.node_states = states
         nodes = self.node_views(states)
         now = trio.current_time()
         self.backoff = {e: b for e, b in self.backoff.items() if b[0] > now - 600}
-        busy = frozenset(self.running) | {e for e, (until, _) in self.backoff.items() if until > now}
+        busy = frozenset(running_before | set(self.running)) | {e for e, (until, _) in self.backoff.items()
+                                                                 if until > now}
         moves, self.stuck = plan.plan_repairs(views, nodes, self.rng, skip=busy)
         work: list[plan.Move | plan.Transcode] = list(moves)
         if not work:
