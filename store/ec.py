@@ -386,6 +386,35 @@ def check_record(layout: Layout, record: bytes | memoryview, *, extent_id: int, 
     return h
 
 
+def check_span(layout: Layout, data: bytes | memoryview, *, start: int, extent_id: int, index: int) -> int:
+    """Verify what a healthy read's span of fragment ``index`` (bytes ``data`` from fragment
+    offset ``start``) happens to hold of record structure: every whole record in it fully
+    (:func:`check_record`), every other whole header for identity. A fragment stored where
+    another index or extent is placed is caught here at no extra I/O; a span inside one cell
+    holds no header (the DataNode's ``index`` in the read answer covers that case).
+    Returns how many headers were checked."""
+    rb, hb = layout.record_bytes, layout.header_bytes
+    end = start + len(data)
+    checked = 0
+    for stripe in range(-(-start // rb), end // rb + 1):
+        at = stripe * rb
+        if at + hb > end:
+            break
+        rel = at - start
+        if at + rb <= end:
+            check_record(layout, data[rel:rel + rb], extent_id=extent_id, stripe=stripe, index=index)
+        else:
+            try:
+                h = parse_header(layout, data[rel:rel + hb])
+            except CorruptFragment as exc:
+                raise CorruptFragment(index, stripe, exc.reason) from None
+            if (h.extent_id, h.stripe, h.index) != (extent_id, stripe, index):
+                raise CorruptFragment(index, stripe, f"record belongs to extent {h.extent_id} stripe {h.stripe} "
+                                                     f"fragment {h.index}")
+        checked += 1
+    return checked
+
+
 # ---- the codec --------------------------------------------------------------------------
 
 

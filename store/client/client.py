@@ -194,7 +194,7 @@ class StoreClient:
             codec = _codec_of(m)
             frags = {int(r["idx"]): r for r in m["replicas"] if r["state"] != "missing"}
             spans = codec.layout.read_spans(offset, length)
-            fetched = await self._read_fragments(extent_id, m, frags, spans, errors)
+            fetched = await self._read_fragments(extent_id, m, codec.layout, frags, spans, errors)
             if len(fetched) == len(spans):
                 return codec.layout.assemble(offset, length, fetched)
             self.stats["read_fallbacks"] += 1
@@ -207,10 +207,14 @@ class StoreClient:
                          f"{codec.layout.k} fragments returned verified bytes for [{offset}, {offset + length}): "
                          f"{'; '.join(dict.fromkeys(errors))}")  # both passes usually fail alike
 
-    async def _read_fragments(self, extent_id: int, m: dict[str, Any], frags: dict[int, dict[str, Any]],
-                              spans: dict[int, tuple[int, int]], errors: list[str]) -> dict[int, tuple[int, bytes]]:
+    async def _read_fragments(self, extent_id: int, m: dict[str, Any], layout: ec.Layout,
+                              frags: dict[int, dict[str, Any]], spans: dict[int, tuple[int, int]], errors: list[str],
+                              *, headers: bool = True) -> dict[int, tuple[int, bytes]]:
         """Read [start, end) of each fragment in ``spans`` in parallel; {index: (start, bytes)}
-        of those that returned verified bytes (failures are noted in ``errors`` and reported)."""
+        of those that returned verified bytes (failures are noted in ``errors`` and reported).
+        A fragment is refused as corrupt when its DataNode stores another index there or a
+        record header in the span names another extent, stripe or index (``headers``; the
+        decoder checks the headers of the whole records it reads itself, and they decide)."""
         out: dict[int, tuple[int, bytes]] = {}
 
         async def one(idx: int, start: int, end: int) -> None:
@@ -219,10 +223,14 @@ class StoreClient:
                 errors.append(f"fragment {idx}: missing")
                 return
             try:
-                out[idx] = (start, await self._read_replica(_local(m), int(m["epoch"]), rep, start, end - start))
+                data = await self._read_replica(_local(m), int(m["epoch"]), rep, start, end - start,
+                                                index=idx if headers else None)
+                if headers:
+                    ec.check_span(layout, data, start=start, extent_id=extent_id, index=idx)
+                out[idx] = (start, data)
             except RpcError as exc:
                 errors.append(f"fragment {idx} on {rep['node_id']}: {exc}")
-            except BlockError as exc:
+            except (BlockError, ec.CorruptFragment) as exc:
                 errors.append(f"fragment {idx} on {rep['node_id']}: corrupt ({exc})")
                 await self._bad_fragment(_local(m), rep, str(exc))
             except (ConnectionLost, trio.TooSlowError) as exc:
@@ -245,7 +253,8 @@ class StoreClient:
         while order:
             n = max(1, layout.k - len(records))
             batch, order = order[:n], order[n:]
-            got = await self._read_fragments(extent_id, m, frags, {i: (start, start + size) for i in batch}, errors)
+            got = await self._read_fragments(extent_id, m, layout, frags, {i: (start, start + size) for i in batch},
+                                             errors, headers=False)
             records.update({i: data for i, (_, data) in got.items()})
             if len(records) < layout.k and order:
                 continue
@@ -268,11 +277,16 @@ class StoreClient:
         log.error("extent %d fragment %d on node %s: %s — reporting it", extent_id, rep["idx"], rep["node_id"], reason)
         await self._report_bad(extent_id, rep["node_id"], reason)
 
-    async def _read_replica(self, extent_id: int, epoch: int, rep: dict[str, Any], offset: int, length: int) -> bytes:
-        """Verified bytes of one copy; ``extent_id`` is the id the DataNode stores it under."""
+    async def _read_replica(self, extent_id: int, epoch: int, rep: dict[str, Any], offset: int, length: int,
+                            *, index: int | None = None) -> bytes:
+        """Verified bytes of one copy; ``extent_id`` is the id the DataNode stores it under.
+        With ``index`` (an EC fragment) the copy must have been created as that index."""
         ch = await self.pool.get(rep["address"], lane="r")
         result, data = await ch.call("read", {"extent_id": extent_id, "offset": offset, "length": length, "epoch": epoch},
                                      timeout_s=self.cfg.read_timeout_s)
+        if index is not None and result.get("index", index) != index:
+            raise ec.CorruptFragment(index, -1, f"the DataNode stores fragment {result['index']} of this extent "
+                                                f"where fragment {index} is placed")
         start = int(result["start"])
         verify_blocks(data, result["entries"], start // 4096)
         skip = offset - start

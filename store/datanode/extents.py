@@ -226,6 +226,11 @@ class ExtentStore:
             raise ExtentError("not_found", f"extent {extent_id} does not exist on this node")
         return ext
 
+    def index_of(self, extent_id: int) -> int:
+        """The replica / fragment index the extent was created with (reads report it, so an
+        EC client notices a fragment stored where another index is placed)."""
+        return self._get(extent_id).meta.index
+
     def full(self) -> bool:
         u = self.backend.usage()
         return u.capacity_bytes <= 0 or u.used_bytes / u.capacity_bytes >= self.high_water or u.free_bytes < self.reserve_bytes
@@ -388,9 +393,15 @@ class ExtentStore:
             self.backend.sync_checksums([extent_id])
         self.backend.set_meta(meta)
 
-    async def delete(self, extent_id: int) -> None:
-        if extent_id not in self._extents:
+    async def delete(self, extent_id: int, *, unsealed_only: bool = False) -> None:
+        """Delete ``extent_id`` (a no-op when absent). With ``unsealed_only`` a sealed extent
+        is refused (``sealed``): a job that cleans up after itself must never remove a
+        complete copy another job (or an earlier attempt) left in place."""
+        ext = self._extents.get(extent_id)
+        if ext is None:
             return
+        if unsealed_only and ext.sealed:
+            raise ExtentError("sealed", f"extent {extent_id} is sealed; not deleting it", length=ext.meta.sealed_length)
         del self._extents[extent_id]
         await trio.to_thread.run_sync(self.backend.delete, extent_id, limiter=self._write_lane)
 

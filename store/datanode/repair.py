@@ -479,8 +479,18 @@ class Transcoder:
                 except RpcError as exc:
                     if exc.code != "exists":
                         raise
-                    # left by an earlier attempt that died: this id is only ever this job's
-                    await self._call(t, "delete", {"extent_id": job.local_id})
+                    # Left by an earlier attempt that died, or being written by a duplicate
+                    # job. Only an unsealed copy may go: a sealed one may be what a
+                    # duplicate job completed and the MetaNode placed (it never is deleted
+                    # here; the MetaNode removes it if it ends unplaced).
+                    try:
+                        await self._call(t, "delete", {"extent_id": job.local_id, "unsealed_only": True})
+                    except RpcError as err:
+                        if err.code != "sealed":
+                            raise
+                        raise RpcError("conflict", f"{job.what}: fragment {t.idx} on {t} is already sealed "
+                                                   f"(another transcode of this extent finished); not replacing it"
+                                       ) from None
                     await self._call(t, "create", args)
                 created.append(t)
             await self._each(job.targets, create)
@@ -509,9 +519,9 @@ class Transcoder:
         except BaseException as exc:
             self.r.store.stats["rebuild_failures"] += 1
             with trio.CancelScope(shield=True):
-                for t in created:
+                for t in created:  # the sealed ones stay: the MetaNode deletes them if unplaced
                     try:
-                        await self._call(t, "delete", {"extent_id": job.local_id})
+                        await self._call(t, "delete", {"extent_id": job.local_id, "unsealed_only": True})
                     except (RpcError, ConnectionLost, trio.TooSlowError) as err:
                         log.warning("%s: could not delete the partial fragment on %s: %s", job.what, t, err)
             if isinstance(exc, _Failed | RpcError | ConnectionLost | trio.TooSlowError):
@@ -538,9 +548,24 @@ class Transcoder:
 
     @staticmethod
     async def _each(targets: tuple[Source, ...], fn: Callable[[Source], Any]) -> None:
-        async with trio.open_nursery() as nursery:
-            for t in targets:
-                nursery.start_soon(fn, t)
+        """Run ``fn`` on every target at once; the first target's error is raised as itself
+        (not an exception group), so the job's failure names it."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for t in targets:
+                    nursery.start_soon(fn, t)
+        except BaseExceptionGroup as group:
+            errors = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+            if not errors:
+                raise
+            raise errors[0] from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 def _describe(exc: BaseException) -> str:

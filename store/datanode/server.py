@@ -107,7 +107,7 @@ class DataNode:
                 epoch = a.get("epoch")
                 start, data, entries = await self.store.read(int(a["extent_id"]), int(a["offset"]), int(a["length"]),
                                                              None if epoch is None else int(epoch))
-                return {"start": start, "entries": entries}, data
+                return {"start": start, "entries": entries, "index": self.store.index_of(int(a["extent_id"]))}, data
             if req.op == "create":
                 meta = ExtentMeta(extent_id=int(a["extent_id"]), stream_id=int(a["stream_id"]),
                                   epoch=int(a.get("epoch", 1)), index=int(a.get("index", 0)))
@@ -116,7 +116,7 @@ class DataNode:
             if req.op == "seal":
                 return {"length": await self.store.seal(int(a["extent_id"]), int(a["length"]))}, b""
             if req.op == "delete":
-                await self.store.delete(int(a["extent_id"]))
+                await self.store.delete(int(a["extent_id"]), unsealed_only=bool(a.get("unsealed_only", False)))
                 return {}, b""
             if req.op == "stat":
                 return self.store.stat(int(a["extent_id"])), b""

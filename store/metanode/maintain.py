@@ -257,7 +257,14 @@ class Maintainer:
                 "targets": [{"idx": i, "node_id": t.node_id, "address": t.address} for i, t in enumerate(tc.targets)],
                 "layout": {"k": then.data, "m": then.parity, "cell_bytes": e.then_cell_bytes,
                            "backend": e.then_backend}}
-        await self._job(str(sources[0]["address"]), "transcode", args, e.sealed_length)
+        try:
+            await self._job(str(sources[0]["address"]), "transcode", args, e.sealed_length)
+        except (RpcError, ConnectionLost, trio.TooSlowError):
+            # Fragments the job sealed before it failed stay on their nodes (the job only
+            # removes unsealed ones); these deletes skip any a duplicate job got placed.
+            for t in tc.targets:
+                self._delete_later(t.node_id, new_id, 0.0)
+            raise
 
         def switch(c: Connection) -> None:
             res = c.execute(extent.update().where(extent.c.extent_id == e.extent_id,

@@ -327,10 +327,13 @@ class MetaNode:
             chosen = choose(candidates, need - len(placed), self.rng, avoid_set)
             if not chosen:
                 break
-            results = await self._create_on(chosen, extent_id, stream_id, start_idx=len(placed) + len(failed))
-            for cand, ok in zip(chosen, results, strict=True):
+            # Each copy is created with the slot (replica / fragment index) it is placed in: an
+            # EC reader checks that the two agree. A slot whose create failed is offered again.
+            slots = sorted(set(range(need)) - {idx for _, idx in placed})[:len(chosen)]
+            results = await self._create_on(chosen, extent_id, stream_id, slots)
+            for cand, idx, ok in zip(chosen, slots, results, strict=True):
                 if ok:
-                    placed.append((cand, len(placed)))
+                    placed.append((cand, idx))
                 else:
                     failed.add(cand.node_id)
             if len(placed) >= need:
@@ -372,7 +375,7 @@ class MetaNode:
                 "replicas": [{"idx": idx, "node_id": c.node_id, "address": c.address, "state": "ok"} for c, idx in placed],
                 "under_replicated": len(placed) < need}
 
-    async def _create_on(self, chosen: list[Candidate], extent_id: int, stream_id: int, start_idx: int) -> list[bool]:
+    async def _create_on(self, chosen: list[Candidate], extent_id: int, stream_id: int, slots: list[int]) -> list[bool]:
         results = [False] * len(chosen)
 
         async def one(i: int, cand: Candidate) -> None:
@@ -380,7 +383,7 @@ class MetaNode:
             try:
                 ch = await self._pool.get(cand.address)
                 await ch.call("create", {"extent_id": extent_id, "stream_id": stream_id, "epoch": 1,
-                                         "index": start_idx + i}, timeout_s=self.cfg.create_timeout_s)
+                                         "index": slots[i]}, timeout_s=self.cfg.create_timeout_s)
                 results[i] = True
             except (ConnectionLost, RpcError, trio.TooSlowError) as exc:
                 log.warning("create of extent %d on %s failed: %s", extent_id, cand.node_id, exc)

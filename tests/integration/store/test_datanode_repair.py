@@ -22,9 +22,11 @@ import pytest
 import trio
 from cluster import Cluster, db_rows, free_port, random_file, wait_for
 
-from appendfs.store.codec import verify_blocks
-from appendfs.store.ec import Layout
+from appendfs.store.client import StoreClient
+from appendfs.store.codec import checksum, verify_blocks
+from appendfs.store.ec import Codec, Layout, choose_backend
 from appendfs.store.identity import read_secret_file
+from appendfs.store.placement import local_id
 from appendfs.store.rpc import RpcError, single_channel
 
 MiB = 1 << 20
@@ -365,6 +367,96 @@ def test_rebuild_ec_fragment_reconstructs_byte_identical(sqlite_url: str, make_c
         c.meta_url, last_id, epoch=2, index=2, length=length, layout=layout,
         sources=[(i, n, addr[n]) for i, n in sorted(frags.items()) if i != 2]))
     assert read_extent(c, addr[target], last_id, length) == read_extent(c, addr[frags[2]], last_id, length)
+
+
+def test_a_duplicate_transcode_never_replaces_a_sealed_fragment(sqlite_url: str, make_cluster,
+                                                               tmp_path: Path) -> None:
+    """The DataNode's own safeguard behind the maintainer's one-job-per-extent rule: a
+    second `transcode` of an extent whose fragments are sealed (a MetaNode failover could
+    start one) fails and leaves every fragment as it was, in whatever index order it names
+    the targets; an unsealed leftover of an attempt that died is replaced."""
+    c = start(make_cluster, sqlite_url, datanodes=6, extent_max_bytes=4 * MiB)
+    src = random_file(tmp_path / "src.bin", 5 * MiB, seed=66)
+    c.put(src, "rep:3")
+    addr = addresses(c)
+    extent_id, length, pos = sealed_extents(c.meta_url)[0]
+    nodes = sorted(addr)
+    lay, backend, new_id = Layout(4, 2, 64 * 1024), choose_backend(4, 2).name, local_id(extent_id, 1)
+    stream_id = stream_of(c.meta_url, extent_id)
+
+    def job(order: list[str]) -> dict[str, Any]:
+        return {"extent_id": extent_id, "stream_id": stream_id, "epoch": 2, "length": length, "read_id": extent_id,
+                "local_id": new_id, "rate_bytes_s": 0,
+                "sources": [{"idx": i, "node_id": n, "address": addr[n]}
+                            for i, n in sorted(holders(c.meta_url, extent_id).items())],
+                "targets": [{"idx": i, "node_id": n, "address": addr[n]} for i, n in enumerate(order)],
+                "layout": {"k": lay.k, "m": lay.m, "cell_bytes": lay.cell_bytes, "backend": backend}}
+    coordinator = addr[holders(c.meta_url, extent_id)[0]]
+
+    async def leftover() -> None:  # an attempt that died after its first append on target 2
+        async with single_channel(addr[nodes[2]], read_secret_file(c.secret)) as ch:
+            await ch.call("create", {"extent_id": new_id, "stream_id": stream_id, "epoch": 2, "index": 2}, timeout_s=30)
+            junk = os.urandom(lay.record_bytes)
+            await ch.call("append", {"extent_id": new_id, "offset": 0, "xxh3": checksum(junk)}, junk, timeout_s=30)
+    trio.run(leftover)
+
+    assert call(c, coordinator, "transcode", job(nodes))["length"] == length
+    frag_len = lay.fragment_length(length)
+    first = {i: read_extent(c, addr[n], new_id, frag_len) for i, n in enumerate(nodes)}
+    decoded = Codec(lay, backend).decode({i: first[i] for i in (2, 3, 4, 5)}, extent_id=extent_id, first_stripe=0,
+                                         ext_off=0, length=length)
+    assert decoded.data == src.read_bytes()[pos:pos + length] and not decoded.bad
+
+    for order in (nodes, nodes[1:] + nodes[:1]):  # the same job again; one with other indexes
+        err = call_error(c, coordinator, "transcode", job(order))
+        assert err.code == "unavailable" and "is already sealed" in err.message, err.message
+        for i, n in enumerate(nodes):
+            st = call(c, addr[n], "stat", {"extent_id": new_id})
+            assert (st["state"], st["sealed_length"], st["index"], st["epoch"]) == ("sealed", frag_len, i, 2)
+            assert read_extent(c, addr[n], new_id, frag_len) == first[i]
+
+
+def test_an_ec_read_refuses_a_fragment_stored_where_another_index_is_placed(sqlite_url: str, make_cluster,
+                                                                            tmp_path: Path) -> None:
+    """Block checksums only say a copy is what its DataNode was given. Swap the copies of
+    fragments 0 and 1 of an `ec:2+2` extent between their nodes (data, checksums and record:
+    what a duplicate transcode with another index order would leave): a 4 KiB read inside
+    one cell (no record header in its span: the DataNode's `index` catches it) and a whole
+    read (headers in its spans) both return the right bytes, decoded from the parity, and
+    both fragments are reported."""
+    c = start(make_cluster, sqlite_url, datanodes=4, extent_max_bytes=4 * MiB)
+    src = random_file(tmp_path / "src.bin", 3 * MiB, seed=67)
+    c.put(src, "ec:2+2")
+    original = src.read_bytes()
+    addr = addresses(c)
+    extent_id, logical, pos = sealed_extents(c.meta_url)[0]
+    frags = holders(c.meta_url, extent_id)
+    procs = [next(p for p in c.datanodes if p.argv[p.argv.index("--listen") + 1] == addr[frags[i]]) for i in (0, 1)]
+    for p in procs:
+        p.stop()
+    dirs = [data_dir(c, addr[frags[i]]) / "extents" for i in (0, 1)]
+    for suffix in ("dat", "sum", "meta"):
+        name = f"{extent_id:016x}.{suffix}"
+        tmp = dirs[0] / (name + ".swap")
+        os.rename(dirs[0] / name, tmp)
+        os.rename(dirs[1] / name, dirs[0] / name)
+        os.rename(tmp, dirs[1] / name)
+    for p in procs:
+        c._start(p)
+    c.wait_alive(4)
+
+    async def go() -> tuple[bytes, bytes, int]:
+        async with StoreClient.connect(c.meta_url) as client:
+            small = await client.read(extent_id, 100, 4096)
+            whole = await client.read(extent_id, 0, logical)
+            return small, whole, client.stats["bad_replicas"]
+    small, whole, bad = trio.run(go)
+    assert small == original[pos + 100:pos + 4196]
+    assert whole == original[pos:pos + logical]
+    assert bad >= 2
+    wait_for(lambda: db_rows(c.meta_url, f"SELECT idx, state FROM replica WHERE extent_id = {extent_id} "
+                                         "AND idx < 2 ORDER BY idx") == [(0, "corrupt"), (1, "corrupt")],
+             "both misplaced fragments reported", 30)
 
 
 # ---- scrub ----------------------------------------------------------------------------------

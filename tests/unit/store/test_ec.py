@@ -325,3 +325,29 @@ def test_check_record_accepts_a_good_record_and_names_a_stranger() -> None:
     assert ec.check_record(lay, frags[5], extent_id=EXTENT, stripe=3, index=5).index == 5
     with pytest.raises(ec.CorruptFragment, match="belongs to extent 65 stripe 3 fragment 5"):
         ec.check_record(lay, frags[5], extent_id=EXTENT, stripe=3, index=4)
+
+
+def test_check_span_checks_the_record_structure_a_healthy_read_holds() -> None:
+    """A healthy read's span of a data fragment: whole records are checked in full, headers
+    whose cell is only partly in the span for identity; a span inside one cell holds none."""
+    lay = ec.Layout(2, 1, 4096)
+    frags = ec.Codec(lay, BACKENDS[0]).encode(data_of(3 * lay.stripe_bytes), extent_id=EXTENT, first_stripe=0)
+    rb, hb = lay.record_bytes, lay.header_bytes
+
+    def span(index: int, lo: int, hi: int, *, as_index: int | None = None, extent: int = EXTENT) -> int:
+        return ec.check_span(lay, frags[index][lo:hi], start=lo, extent_id=extent,
+                             index=index if as_index is None else as_index)
+
+    assert span(0, 0, 3 * rb) == 3  # every record whole
+    assert span(0, hb + 10, rb + hb + 100) == 1  # the second record's header, its cell partly
+    assert span(0, rb - 100, 2 * rb + hb) == 2  # a header ending exactly at the span's end counts
+    assert span(0, hb, rb) == 0  # one cell: no header to check
+    assert span(1, 2 * rb + 1, 3 * rb) == 0
+    with pytest.raises(ec.CorruptFragment, match="fragment 0, stripe 1: record belongs to extent 65 stripe 1 fragment 1"):
+        span(1, hb + 10, rb + hb + 100, as_index=0)  # fragment 1's bytes where fragment 0 is placed
+    with pytest.raises(ec.CorruptFragment, match="belongs to extent 65"):
+        span(0, 0, rb, extent=EXTENT + 1)
+    with pytest.raises(ec.CorruptFragment, match="fragment 0, stripe 2: cell checksum mismatch"):
+        ec.check_span(lay, flip(frags[0], 2 * rb + hb + 7), start=0, extent_id=EXTENT, index=0)
+    with pytest.raises(ec.CorruptFragment, match="fragment 0, stripe 1: header checksum mismatch"):
+        ec.check_span(lay, flip(frags[0], rb + hb - 20)[rb - 5:rb + hb + 5], start=rb - 5, extent_id=EXTENT, index=0)
