@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import trio
+
 from appendfs.up import free_port as up_free_port
 
 R = TypeVar("R")
@@ -122,7 +124,10 @@ class Cluster:
         self.datanodes: list[Proc] = []
         self.datanode_args: list[list[str]] = []
         root.mkdir(parents=True, exist_ok=True)
-        self.run(["format", meta_url, "--secret-file", str(self.secret), "--extent-max-bytes", str(extent_max_bytes)])
+        # In this process, like status(): tests of `appendfs format` itself run the command.
+        from appendfs.format import format_cluster
+
+        format_cluster(meta_url, self.secret, extent_max_bytes)
 
     def run(self, args: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([*APPENDFS, *args], env=self.env, capture_output=True, check=kw.pop("check", True), **kw)
@@ -165,13 +170,17 @@ class Cluster:
         self._start(proc)
 
     def status(self) -> dict[str, Any]:
-        out = self.run(["status", "--meta", self.meta_url, "--json"], timeout=60)
-        return json.loads(out.stdout)  # type: ignore[no-any-return]
+        """What `appendfs status --json` prints, asked in this process: tests poll it often,
+        and each CLI process costs about a second of CPU (imports), which the cluster under
+        test then lacks. Tests of the command itself run it with :meth:`run`."""
+        from appendfs.tools import fetch_status
+
+        return json.loads(json.dumps(trio.run(fetch_status, self.meta_url), default=str))  # type: ignore[no-any-return]
 
     def alive_nodes(self) -> int:
         try:
             return sum(1 for n in self.status()["nodes"] if n["alive"])
-        except subprocess.CalledProcessError:
+        except Exception:  # no leader yet, or the database is not there yet
             return 0
 
     def wait_alive(self, count: int, timeout_s: float = 60) -> None:

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 from appendfs.db import make_engine
 from appendfs.store import ec
 from appendfs.store.client.config import ClientConfig
+from appendfs.store.client.local import LocalReads
 from appendfs.store.client.metalink import MetaLink
 from appendfs.store.client.stream import LogStream
 from appendfs.store.codec import BlockError, verify_blocks
@@ -54,7 +55,10 @@ class StoreClient:
         self._streams: dict[int, LogStream] = {}
         self._maps: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._renewing = False
-        self.stats = {"bad_replicas": 0, "read_fallbacks": 0}
+        self.stats: dict[str, int] = {"bad_replicas": 0, "read_fallbacks": 0}
+        self.local = LocalReads(auth.cluster_id, inline_bytes=cfg.local_inline_bytes, stats=self.stats) \
+            if cfg.short_circuit else None
+        self._probe_after: dict[str, float] = {}  # DataNode address -> when to ask it again
 
     @classmethod
     @asynccontextmanager
@@ -74,6 +78,8 @@ class StoreClient:
                     yield client
                 finally:
                     nursery.cancel_scope.cancel()
+                    if client.local is not None:
+                        client.local.close()
         finally:
             if own_engine:
                 engine.dispose()
@@ -168,7 +174,8 @@ class StoreClient:
                 if rep["state"] in ("missing",):
                     continue
                 try:
-                    return await self._read_replica(_local(m), int(m["epoch"]), rep, offset, length)
+                    return await self._read_replica(_local(m), int(m["epoch"]), rep, offset, length,
+                                                    sealed=m.get("state") == "sealed")
                 except RpcError as exc:
                     errors.append(f"{rep['node_id']}: {exc}")
                     if exc.code == "stale_epoch":
@@ -224,7 +231,7 @@ class StoreClient:
                 return
             try:
                 data = await self._read_replica(_local(m), int(m["epoch"]), rep, start, end - start,
-                                                index=idx if headers else None)
+                                                index=idx if headers else None, sealed=m.get("state") == "sealed")
                 if headers:
                     ec.check_span(layout, data, start=start, extent_id=extent_id, index=idx)
                 out[idx] = (start, data)
@@ -278,9 +285,16 @@ class StoreClient:
         await self._report_bad(extent_id, rep["node_id"], reason)
 
     async def _read_replica(self, extent_id: int, epoch: int, rep: dict[str, Any], offset: int, length: int,
-                            *, index: int | None = None) -> bytes:
+                            *, index: int | None = None, sealed: bool = False) -> bytes:
         """Verified bytes of one copy; ``extent_id`` is the id the DataNode stores it under.
-        With ``index`` (an EC fragment) the copy must have been created as that index."""
+        With ``index`` (an EC fragment) the copy must have been created as that index. A
+        sealed copy on this host is read from its files when we can (store/client/local.py)."""
+        if sealed and self.local is not None:
+            if not self.local.known(rep["address"]):
+                await self._probe_local(rep["address"])
+            got = await self.local.read(rep["address"], str(rep["node_id"]), extent_id, offset, length, index)
+            if got is not None:
+                return got
         ch = await self.pool.get(rep["address"], lane="r")
         result, data = await ch.call("read", {"extent_id": extent_id, "offset": offset, "length": length, "epoch": epoch},
                                      timeout_s=self.cfg.read_timeout_s)
@@ -293,6 +307,20 @@ class StoreClient:
         if skip < 0 or len(data) < skip + length:
             raise BlockError(start // 4096, f"replica returned {len(data)} bytes from {start}, short of the range")
         return data[skip:skip + length] if (skip or len(data) != length) else data
+
+    async def _probe_local(self, address: str) -> None:
+        """Ask a DataNode once whether its extents can be read here directly (``ping``)."""
+        assert self.local is not None
+        now = trio.current_time()
+        if self._probe_after.get(address, 0.0) > now:
+            return
+        try:
+            ch = await self.pool.get(address, lane="r")
+            res, _ = await ch.call("ping", {}, timeout_s=self.cfg.connect_timeout_s)
+        except (RpcError, ConnectionLost, trio.TooSlowError):
+            self._probe_after[address] = now + 30.0  # it is not answering: the read will say so
+            return
+        self.local.learn(address, str(res.get("node_id", "")), res.get("local_dir"))
 
     async def _report_bad(self, extent_id: int, node_id: str, reason: str) -> None:
         try:

@@ -29,5 +29,9 @@ class ClientConfig:
     leader_wait_s: float = option(60.0, "how long calls wait for a MetaNode leader before failing", positive)
     placement_wait_s: float = option(30.0, "how long an append waits for enough healthy DataNodes before failing", positive)
     max_resends: int = option(8, "extent switches for one append before it fails", positive)
+    short_circuit: bool = option(True, "read sealed extents of DataNodes on this host from their files "
+                                       "(verified as usual; see store/client/local.py)")
+    local_inline_bytes: int = option(64 << 10, "short-circuit reads up to this size run on the event loop, "
+                                               "larger ones in a worker thread (bytes)", positive)
     ec_cell_bytes: int = option(64 << 10, "cell size of new ec:K+M streams (bytes; fixed per stream, "
                                           "see docs/erasure-coding.md §2)", _cell_sized)

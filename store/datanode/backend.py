@@ -61,6 +61,13 @@ class Backend(abc.ABC):
     #: A short name for logs and `status` (``file``, ``spdk``).
     kind: str = "?"
 
+    @property
+    def local_dir(self) -> str | None:
+        """The DataNode directory whose ``extents/`` a client on this host may read sealed
+        extents from itself (short-circuit reads, store/client/local.py), or None when the
+        backend keeps extents where files cannot be opened by path."""
+        return None
+
     @abc.abstractmethod
     def create(self, meta: ExtentMeta) -> None:
         """Create empty data and checksum regions and the record; durable on return."""

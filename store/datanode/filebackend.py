@@ -98,6 +98,10 @@ class FileBackend(Backend):
                 if fd is not None:
                     os.close(fd)
 
+    @property
+    def local_dir(self) -> str | None:
+        return str(self.dir.parent.resolve())
+
     def create(self, meta: ExtentMeta) -> None:
         for suffix in ("dat", "sum"):
             fd = os.open(self._path(meta.extent_id, suffix), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -9,7 +9,7 @@ Requests (op → args → result; bulk data raw in the frame):
     delete  {extent_id}                                      → {}
     stat    {extent_id}                                      → extent state
     list    {}                                               → {extents: [...]}
-    ping    {}                                               → {node_id, usage}
+    ping    {}                                               → {node_id, usage, local_dir}
     rebuild {extent_id, stream_id, epoch, index, length,     → {length, read_bytes, seconds}
              sources: [{idx, node_id, address}],
              layout: {k, m, cell_bytes, backend} | absent, rate_bytes_s,
@@ -123,7 +123,8 @@ class DataNode:
             if req.op == "list":
                 return {"extents": self.store.all_extents()}, b""
             if req.op == "ping":
-                return {"node_id": self.ident.node_id, "usage": self._usage()}, b""
+                return {"node_id": self.ident.node_id, "usage": self._usage(),
+                        "local_dir": self.store.backend.local_dir}, b""
             if req.op == "rebuild":
                 if self.rebuilder is None:
                     raise RpcError("unavailable", "this DataNode is still starting")

@@ -443,7 +443,13 @@ def test_an_ec_read_refuses_a_fragment_stored_where_another_index_is_placed(sqli
         os.rename(tmp, dirs[1] / name)
     for p in procs:
         c._start(p)
-    c.wait_alive(4)
+
+    def serving() -> bool:  # the MetaNode may still count them alive from before the stop
+        try:
+            return all(call(c, addr[frags[i]], "ping", {})["node_id"] == frags[i] for i in (0, 1))
+        except Exception:  # refused while it starts (raised from the channel's nursery, as a group)
+            return False
+    wait_for(serving, "the two restarted DataNodes to answer", 30, 0.1)
 
     async def go() -> tuple[bytes, bytes, int]:
         async with StoreClient.connect(c.meta_url) as client:

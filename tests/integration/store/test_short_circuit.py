@@ -1,0 +1,116 @@
+"""Short-circuit reads (store/client/local.py) on real processes.
+
+A StoreClient on the DataNodes' host reads sealed extents from their files, verified
+against the block checksums; an open extent, a copy that does not verify, a DataNode
+directory that is not the node's, or the option turned off all go through the DataNode,
+which stays the authority (it is the one that reports a bad copy).
+
+SQLite only: the namespace plays no part in how a copy is read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import trio
+from cluster import Cluster, db_rows, random_file, wait_for
+
+from appendfs.store.client import ClientConfig, StoreClient
+from appendfs.store.client.local import LocalReads
+
+MiB = 1 << 20
+
+
+def copies(c: Cluster) -> list[tuple[int, int]]:
+    """(extent id, sealed length) of every sealed extent, in stream order."""
+    return [(int(e), int(n)) for e, n in db_rows(
+        c.meta_url, "SELECT extent_id, sealed_length FROM extent WHERE state = 'sealed' ORDER BY stream_id, seq")]
+
+
+def read_all(c: Cluster, ranges: list[tuple[int, int, int]], cfg: ClientConfig | None = None
+             ) -> tuple[list[bytes], dict[str, int]]:
+    async def go() -> tuple[list[bytes], dict[str, int]]:
+        async with StoreClient.connect(c.meta_url, cfg) as client:
+            out = [await client.read(e, off, n) for e, off, n in ranges]
+            return out, dict(client.stats)
+    return trio.run(go)
+
+
+def test_sealed_extents_are_read_from_their_files_and_a_bad_copy_goes_through_the_datanode(
+        sqlite_url: str, make_cluster, tmp_path: Path) -> None:
+    c = make_cluster(sqlite_url, datanodes=3, extent_max_bytes=4 * MiB)
+    src = random_file(tmp_path / "src.bin", 10 * MiB + 5000, seed=71)
+    c.put(src, "rep:3")
+    data = src.read_bytes()
+    extents = copies(c)
+    assert len(extents) == 3
+    ranges, expected, pos = [], [], 0
+    for extent_id, length in extents:
+        # a 4 KiB read across a block boundary, a large one (worker thread), the short tail
+        for off, n in ((5000, 4096), (0, length), (length - 100, 100)):
+            ranges.append((extent_id, off, n))
+            expected.append(data[pos + off:pos + off + n])
+        pos += length
+
+    got, stats = read_all(c, ranges)
+    assert got == expected
+    assert stats["local_reads"] == len(ranges) and stats["local_fallbacks"] == 0 and stats["local_nodes"] >= 1
+
+    got, stats = read_all(c, ranges, ClientConfig(short_circuit=False))
+    assert got == expected and "local_reads" not in stats
+
+    # A flipped byte in the copy the reader tries first: the short circuit does not verify,
+    # the DataNode's answer does not either (it is the one that reports), another copy serves.
+    extent_id = extents[0][0]
+    first = min(range(3), key=lambda i: (i + extent_id) % 7)  # StoreClient.read's order of replicas
+    (node,) = db_rows(c.meta_url, f"SELECT node_id FROM replica WHERE extent_id = {extent_id} AND idx = {first}")[0]
+    address = next(n["address"] for n in c.status()["nodes"] if n["node_id"] == node)
+    proc = next(p for p in c.datanodes if p.argv[p.argv.index("--listen") + 1] == address)
+    dat = Path(proc.argv[proc.argv.index("--data") + 1]) / "extents" / f"{extent_id:016x}.dat"
+    with open(dat, "r+b") as f:
+        f.seek(5000)
+        b = f.read(1)
+        f.seek(5000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    got, stats = read_all(c, [(extent_id, 4096, 4096)])
+    assert got == [data[4096:8192]]
+    assert stats["local_fallbacks"] == 1 and stats["bad_replicas"] == 1 and stats["local_reads"] == 1
+    wait_for(lambda: db_rows(c.meta_url, f"SELECT state FROM replica WHERE extent_id = {extent_id} "
+                                         f"AND node_id = '{node}'") == [("corrupt",)]
+             or "corrupt replica reported" in c.metanodes[0].text(), "the bad copy reported", 30)
+
+
+def test_open_extents_are_read_through_the_datanode(sqlite_url: str, make_cluster) -> None:
+    c = make_cluster(sqlite_url, datanodes=3, extent_max_bytes=4 * MiB)
+
+    async def go() -> tuple[bytes, dict[str, int]]:
+        async with StoreClient.connect(c.meta_url) as client:
+            s = await client.create_stream("raw", "rep:3")
+            t = await s.append(b"x" * 10000)
+            await s.flush()
+            (piece,) = await t.wait()
+            got = await client.read(piece.extent_id, piece.ext_off, piece.length)
+            stats = dict(client.stats)
+            await s.close()
+            return got, stats
+    got, stats = trio.run(go)
+    assert got == b"x" * 10000 and stats.get("local_reads", 0) == 0
+
+
+def test_a_directory_is_used_only_if_its_stamp_names_the_node_and_cluster(tmp_path: Path) -> None:
+    d = tmp_path / "dn"
+    (d / "extents").mkdir(parents=True)
+    (d / "node.json").write_text(json.dumps({"format_version": 1, "node_id": "n1", "cluster_id": "c1"}))
+    stats: dict[str, int] = {}
+    local = LocalReads("c1", inline_bytes=65536, stats=stats)
+    assert local.learn("127.0.0.1:1", "n1", str(d)) == d
+    assert local.learn("127.0.0.1:2", "n2", str(d)) is None  # another node's directory
+    assert LocalReads("c2", inline_bytes=65536, stats={}).learn("127.0.0.1:1", "n1", str(d)) is None
+    assert local.learn("127.0.0.1:3", "n1", None) is None  # a backend without files (spdk)
+    assert local.learn("127.0.0.1:4", "n1", str(tmp_path / "nowhere")) is None
+    assert stats["local_nodes"] == 1
+
+    async def missing() -> bytes | None:  # an extent this directory does not hold
+        return await local.read("127.0.0.1:1", "n1", 7, 0, 4096)
+    assert trio.run(missing) is None and stats["local_fallbacks"] == 1
