@@ -57,6 +57,7 @@ _SEEN_MAX = 100_000
 _CAPS_XATTR = b"security.capability"
 PART_OWNER = "s3-part"  # owner of the streams multipart parts go to (DESIGN §8)
 _MAX_RESENDS = 3  # times a file's chunks are sent again after their stream broke, in a row
+_RELEASE_LINGER_S = 0.05  # closes released together (see _releaser)
 
 
 @dataclass(eq=False)
@@ -405,6 +406,11 @@ class FileSystem:
     async def _releaser(self) -> None:
         while True:
             await self._release_wake.wait()
+            # Linger a moment so the closes of a burst share one transaction: released one
+            # by one, every close's release competed with the next create for SQLite's
+            # single writer (1.1 ms each, measured in small-file runs). A hold kept 50 ms
+            # longer only delays the space reclaim of a file unlinked meanwhile.
+            await trio.sleep(_RELEASE_LINGER_S)
             self._release_wake = trio.Event()
             await self._release_batch()
 
