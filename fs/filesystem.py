@@ -334,12 +334,19 @@ class FileSystem:
         return await self._open(ino, flags, None)
 
     async def _open(self, ino: int, flags: int, redundancy: str | None, held: Attr | None = None) -> tuple[int, bool]:
-        if held is not None:
-            attr = held
-        elif ino in self._release_q:  # closed a moment ago: our hold was not dropped yet
-            self._release_q.remove(ino)
-            attr = await self._read(self.meta.getattr, ino)
-        else:
+        attr = held
+        if attr is None and ino in self._release_q:  # closed a moment ago: our hold was not dropped yet
+            current = await self._read(self.meta.getattr, ino)
+            if ino in self._release_q:  # (still: the read may have let the releaser run)
+                if current.nlink == 0:
+                    # Only our lingering hold keeps it: another client removed or replaced
+                    # the name (an S3 PUT). Opened by a name the kernel still caches, it must
+                    # fail as if the hold were gone (the mount answers ESTALE and the kernel
+                    # looks the name up again), or close-to-open would read the old file.
+                    raise FsError(errno.ENOENT, f"inode {ino} was removed or replaced")
+                self._release_q.remove(ino)
+                attr = current
+        if attr is None:
             while ino in self._releasing:
                 await self._released.wait()
             sid = self.sid
