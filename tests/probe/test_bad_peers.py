@@ -13,10 +13,11 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import files_equal, random_file, wait_for
+from cluster import Cluster, files_equal, random_file, wait_for
 
 from appendfs.store.wire import Connection, Role
 from appendfs.store.wire.protocol import NEED_DATA, Hello
@@ -85,11 +86,24 @@ BAD_PEERS = {
 }
 
 
-@pytest.fixture
-def cluster_with_data(sqlite_url: str, make_cluster, tmp_path: Path):
-    c = make_cluster(sqlite_url, datanodes=3)
-    src = random_file(tmp_path / "src.bin", 8 * MiB, seed=21)
-    return c, src, c.put(src)
+@pytest.fixture(scope="module")
+def cluster_with_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Path, str]]:
+    """One cluster for the whole module (the suite's time budget): every test checks that
+    the DataNodes still serve everyone, and each looks for a log line of its own."""
+    root = tmp_path_factory.mktemp("bad-peers")
+    c = Cluster(root / "cluster", f"sqlite:///{root}/meta.db")
+    try:
+        c.add_metanode()
+        for _ in range(3):
+            c.add_datanode()
+        c.wait_alive(3)
+        src = random_file(root / "src.bin", 8 * MiB, seed=21)
+        yield c, src, c.put(src)
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
 
 
 @pytest.mark.parametrize("name", sorted(BAD_PEERS))
