@@ -181,11 +181,12 @@ def datanode_cmd(config_file: Path | None, **flags: Any) -> None:
     from appendfs.store.datanode.extents import ExtentStore
     from appendfs.store.datanode.filebackend import FileBackend
     from appendfs.store.datanode.server import DataNode
-    from appendfs.store.identity import claim_data_dir, read_secret_file
+    from appendfs.store.identity import claim_data_dir, lock_data_dir, read_secret_file
 
     cfg = load(DataNodeConfig, "datanode", file=config_file, flags=flags)
     setup_logging(cfg.log_level)
     auth = read_secret_file(cfg.secret_file)
+    _lock_fd = lock_data_dir(cfg.data)  # open, hence locked, until the process ends
     ident = claim_data_dir(cfg.data, auth.cluster_id)
     store = ExtentStore(FileBackend(cfg.data, cfg.capacity_bytes, cfg.direct_io), high_water=cfg.high_water,
                         reserve_bytes=cfg.reserve_bytes, read_threads=cfg.read_threads,

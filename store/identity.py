@@ -3,11 +3,13 @@
 ``appendfs format`` creates the cluster id and secret in the database and writes them to
 a *secret file* (JSON, mode 0600) that DataNodes read with ``--secret-file``. A DataNode
 stamps its data directory with ``node.json`` {format_version, node_id, cluster_id} on
-first start and refuses a directory stamped by another cluster or another format version.
+first start and refuses a directory stamped by another cluster or another format version;
+``node.lock`` keeps a second DataNode process off a directory in use.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -64,6 +66,27 @@ class NodeIdentity:
     cluster_id: str
 
 
+def lock_data_dir(data_dir: Path) -> int:
+    """Take ``DIR/node.lock`` (an exclusive ``flock``) for the life of this process and
+    return its descriptor (keep it open: closing it drops the lock). A second DataNode
+    on the same directory would interleave appends into the same extent files; it is
+    refused with the holder's pid. The kernel drops the lock when the holder dies, even
+    by kill -9, so a restart never finds a stale lock."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "node.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"data directory {data_dir} is in use by another DataNode (pid {holder}); "
+                          "stop it first, or give this one its own --data") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def claim_data_dir(data_dir: Path, cluster_id: str) -> NodeIdentity:
     """Stamp a new data directory, or check that an existing one is ours."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +104,7 @@ def claim_data_dir(data_dir: Path, cluster_id: str) -> NodeIdentity:
             raise ClusterMismatch(f"data directory {data_dir} belongs to cluster {ident.cluster_id}, "
                                   f"but the secret file is for cluster {cluster_id}; refusing to use it")
         return ident
-    if any(p.name != "lost+found" for p in data_dir.iterdir()):
+    if any(p.name not in ("lost+found", "node.lock") for p in data_dir.iterdir()):
         raise ClusterMismatch(f"data directory {data_dir} is not empty and has no node.json: not an appendfs DataNode directory")
     ident = NodeIdentity(node_id=uuid.uuid4().hex[:16], cluster_id=cluster_id)
     tmp = data_dir / "node.json.tmp"

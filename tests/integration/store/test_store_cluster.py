@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from cluster import files_equal, random_file, wait_for
+from cluster import files_equal, free_port, random_file, wait_for
 
 MiB = 1 << 20
 
@@ -127,6 +127,25 @@ def test_a_datanode_directory_of_another_cluster_is_refused(sqlite_url: str, mak
                          capture_output=True, timeout=60)
     assert res.returncode == 2
     assert b"belongs to cluster" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_datanode_directory_in_use_is_refused(sqlite_url: str, make_cluster, tmp_path: Path) -> None:
+    """Two DataNode processes on one directory would interleave appends into the same
+    files: the second is refused, naming the first's pid; a kill -9 leaves no stale lock."""
+    c = make_cluster(sqlite_url, datanodes=1)
+    first = c.datanodes[0]
+    argv = list(first.argv)
+    argv[argv.index("--listen") + 1] = f"127.0.0.1:{free_port()}"
+    res = subprocess.run(argv, env=c.env, capture_output=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert first.popen is not None
+    assert f"is in use by another DataNode (pid {first.popen.pid})".encode() in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and first.alive
+    c.restart(first)  # kill -9, then the same command again: it serves a put and a get
+    src = random_file(tmp_path / "src.bin", MiB, seed=9)
+    out = tmp_path / "out.bin"
+    assert c.get(c.put(src, "rep:1"), out).returncode == 0 and files_equal(src, out)
+    assert first.alive and "is in use" not in first.text()
 
 
 def test_a_full_device_gets_no_new_extents(sqlite_url: str, make_cluster, tmp_path: Path) -> None:
