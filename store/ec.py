@@ -378,9 +378,7 @@ def check_record(layout: Layout, record: bytes | memoryview, *, extent_id: int, 
         raise CorruptFragment(index, stripe, exc.reason) from None
     if len(record) != layout.record_bytes:
         raise CorruptFragment(index, stripe, f"record is {len(record)} bytes, not {layout.record_bytes}")
-    if (h.extent_id, h.stripe, h.index) != (extent_id, stripe, index):
-        raise CorruptFragment(index, stripe, f"record belongs to extent {h.extent_id} stripe {h.stripe} "
-                                             f"fragment {h.index}")
+    _check_identity(h, extent_id=extent_id, stripe=stripe, index=index)
     if _xxh3(record[layout.header_bytes:]) != h.digests[index]:
         raise CorruptFragment(index, stripe, "cell checksum mismatch")
     return h
@@ -408,11 +406,15 @@ def check_span(layout: Layout, data: bytes | memoryview, *, start: int, extent_i
                 h = parse_header(layout, data[rel:rel + hb])
             except CorruptFragment as exc:
                 raise CorruptFragment(index, stripe, exc.reason) from None
-            if (h.extent_id, h.stripe, h.index) != (extent_id, stripe, index):
-                raise CorruptFragment(index, stripe, f"record belongs to extent {h.extent_id} stripe {h.stripe} "
-                                                     f"fragment {h.index}")
+            _check_identity(h, extent_id=extent_id, stripe=stripe, index=index)
         checked += 1
     return checked
+
+
+def _check_identity(h: StripeHeader, *, extent_id: int, stripe: int, index: int) -> None:
+    if (h.extent_id, h.stripe, h.index) != (extent_id, stripe, index):
+        raise CorruptFragment(index, stripe, f"record belongs to extent {h.extent_id} stripe {h.stripe} "
+                                             f"fragment {h.index}")
 
 
 # ---- the codec --------------------------------------------------------------------------

@@ -58,7 +58,6 @@ class StoreClient:
         self.stats: dict[str, int] = {"bad_replicas": 0, "read_fallbacks": 0}
         self.local = LocalReads(auth.cluster_id, inline_bytes=cfg.local_inline_bytes, stats=self.stats) \
             if cfg.short_circuit else None
-        self._probe_after: dict[str, float] = {}  # DataNode address -> when to ask it again
 
     @classmethod
     @asynccontextmanager
@@ -290,7 +289,7 @@ class StoreClient:
         With ``index`` (an EC fragment) the copy must have been created as that index. A
         sealed copy on this host is read from its files when we can (store/client/local.py)."""
         if sealed and self.local is not None:
-            if not self.local.known(rep["address"]):
+            if self.local.should_ask(rep["address"], trio.current_time()):
                 await self._probe_local(rep["address"])
             got = await self.local.read(rep["address"], str(rep["node_id"]), extent_id, offset, length, index)
             if got is not None:
@@ -311,14 +310,11 @@ class StoreClient:
     async def _probe_local(self, address: str) -> None:
         """Ask a DataNode once whether its extents can be read here directly (``ping``)."""
         assert self.local is not None
-        now = trio.current_time()
-        if self._probe_after.get(address, 0.0) > now:
-            return
         try:
             ch = await self.pool.get(address, lane="r")
             res, _ = await ch.call("ping", {}, timeout_s=self.cfg.connect_timeout_s)
         except (RpcError, ConnectionLost, trio.TooSlowError):
-            self._probe_after[address] = now + 30.0  # it is not answering: the read will say so
+            self.local.unanswered(address, trio.current_time())  # the read through it will say why
             return
         self.local.learn(address, str(res.get("node_id", "")), res.get("local_dir"))
 

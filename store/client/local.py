@@ -40,6 +40,7 @@ from appendfs.store.datanode.backend import META_FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 _FDS_MAX = 256  # open extents (two descriptors each)
+_RETRY_S = 30.0  # a DataNode that did not answer the ping is asked again after this
 _Files = tuple[int, int, int, int]  # data and checksum descriptors; the copy record's index, sealed length
 
 
@@ -53,11 +54,17 @@ class LocalReads:
         self.inline_bytes = inline_bytes
         self._dirs: dict[str, tuple[str, Path] | None] = {}  # address -> (node id, directory); None: not local
         self._fds: OrderedDict[tuple[str, int], _Files] = OrderedDict()
+        self._retry_at: dict[str, float] = {}  # address -> when to ask a node that did not answer again
         self.stats = stats  # the client's counters (its metrics)
         stats.update(local_reads=0, local_read_bytes=0, local_fallbacks=0, local_nodes=0)
 
-    def known(self, address: str) -> bool:
-        return address in self._dirs
+    def should_ask(self, address: str, now: float) -> bool:
+        """Whether the client should ``ping`` this DataNode for its directory now: never
+        asked, and not one that failed to answer less than ``_RETRY_S`` ago."""
+        return address not in self._dirs and self._retry_at.get(address, 0.0) <= now
+
+    def unanswered(self, address: str, now: float) -> None:
+        self._retry_at[address] = now + _RETRY_S
 
     def learn(self, address: str, node_id: str, local_dir: str | None) -> Path | None:
         """Record what a DataNode's ``ping`` said; the directory if reads may short-circuit."""

@@ -555,17 +555,10 @@ class Transcoder:
                 for t in targets:
                     nursery.start_soon(fn, t)
         except BaseExceptionGroup as group:
-            errors = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-            if not errors:
+            first = next((e for e in group.exceptions if not isinstance(e, trio.Cancelled | BaseExceptionGroup)), None)
+            if first is None:
                 raise
-            raise errors[0] from None
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
+            raise first from None
 
 
 def _describe(exc: BaseException) -> str:
