@@ -10,6 +10,7 @@ tables with a generous deadline, never a wall-clock assert.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -70,7 +71,11 @@ def repair_then_lose_another(c: Cluster, src: Path, redundancy: str, tmp_path: P
     st = wait_for(repaired, "repair to re-create every copy the dead node held", 120, 1.0)
     dead = next(n for n in st["nodes"] if n["node_id"] == dead_id)
     assert dead["dead"] and not dead["alive"]
-    assert st["repair"]["repairs"] >= len(held) and st["extents"]["lost"] == 0
+    # A rebalance running when the victim died may have moved one of its copies away
+    # first (seen in CI: ec:4+2 on 7 nodes right after the put); that copy needed no repair.
+    moved_off = {e for e in held if re.search(rf"rebalance: extent {e} slot \d+ now on \S+ \(node {dead_id} above "
+                                              r"its share\)", c.metanodes[0].text())}
+    assert st["repair"]["repairs"] >= len(held - moved_off) and st["extents"]["lost"] == 0
     text = c.run(["status", "--meta", c.meta_url]).stdout.decode()
     assert "declared dead" in text and "repair:" in text
     check_get(c, locator, src, tmp_path / "after-repair.bin")
@@ -88,7 +93,7 @@ def test_rep3_on_four_nodes_repairs_a_dead_node(sqlite_url: str, make_cluster, t
 
 @pytest.mark.postgres
 def test_ec42_on_seven_nodes_rebuilds_the_fragments_of_a_dead_node(pg_url: str, make_cluster, tmp_path: Path) -> None:
-    """PostgreSQL only (the suite's time budget): rep:3 above runs the same maintainer on both."""
+    """PostgreSQL only (the suite's time budget): rep:3 above runs the same maintainer on SQLite."""
     c = cluster(make_cluster, pg_url, 7, 4 * MiB)
     repair_then_lose_another(c, random_file(tmp_path / "src.bin", 32 * MiB + 4321, seed=62), "ec:4+2", tmp_path)
 
