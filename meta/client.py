@@ -162,7 +162,7 @@ class Meta:
         def make_open(c: sa.Connection) -> Attr:
             a = ops.make(c, parent, n, new, time.time_ns(), self._gran)
             if attrs:
-                c.execute(schema.xattr.insert(), [{"ino": a.ino, "name": k, "value": v} for k, v in attrs.items()])
+                ops.insert_xattrs(c, a.ino, attrs)
             if open_sid is not None:
                 data.hold_new(c, open_sid, a.ino)
             return a

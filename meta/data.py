@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from appendfs.meta import schema
 from appendfs.meta import slices as sl
 from appendfs.meta.errors import FsError, SessionExpired
+from appendfs.meta.fastsql import Stmt
 from appendfs.meta.ops import destroy_inode, get_attr, is_open, update_inode
 from appendfs.meta.txn import Retry
 from appendfs.meta.types import Attr
@@ -34,6 +35,21 @@ SE = schema.session
 DF = schema.delfile
 
 _SLICE_COLS = [S.c.id, S.c.ino, S.c.seq, S.c.file_off, S.c.length, S.c.extent_id, S.c.ext_off]
+
+# Prebuilt statements of the per-file hot path (create-and-open, slice commit, release):
+# see appendfs.meta.fastsql. extent_id is a U64 column: bound through schema.u64_to_db.
+_bp = sa.bindparam
+_INSERT_SLICE = Stmt(
+    lambda _d: S.insert().values(
+        ino=_bp("ino"), seq=_bp("seq"), file_off=_bp("file_off"), length=_bp("length"),
+        extent_id=_bp("extent_id"), ext_off=_bp("ext_off"),
+    )
+)
+_SESSION_ALIVE = Stmt(
+    lambda _d: sa.select(SE.c.sid).where(SE.c.sid == _bp("b_sid")).with_for_update(read=True, key_share=True)
+)
+_INSERT_HOLD = Stmt(lambda _d: SS.insert().values(sid=_bp("sid"), ino=_bp("ino")))
+_DELETE_HOLD = Stmt(lambda _d: sa.delete(SS).where(SS.c.sid == _bp("b_sid"), SS.c.ino == _bp("b_ino")))
 
 
 def _row_slice(r: sa.Row[Any]) -> sl.Slice:
@@ -53,20 +69,12 @@ def _file_for_write(conn: sa.Connection, ino: int) -> Attr:
 
 def insert_slices(conn: sa.Connection, a: Attr, new: Sequence[sl.NewSlice]) -> int:
     """Insert ``new`` with seqs after a.slice_seq (later in the list wins); return last seq."""
-    rows = [
-        {
-            "ino": a.ino,
-            "seq": a.slice_seq + i + 1,
-            "file_off": s.file_off,
-            "length": s.length,
-            "extent_id": s.extent_id,
-            "ext_off": s.ext_off,
-        }
-        for i, s in enumerate(new)
-    ]
-    if rows:
-        conn.execute(S.insert(), rows)
-    return a.slice_seq + len(rows)
+    for i, s in enumerate(new):
+        _INSERT_SLICE.rowcount(
+            conn, ino=a.ino, seq=a.slice_seq + i + 1, file_off=s.file_off, length=s.length,
+            extent_id=schema.u64_to_db(s.extent_id), ext_off=s.ext_off,
+        )
+    return a.slice_seq + len(new)
 
 
 def commit_slices(
@@ -237,16 +245,15 @@ def open_file(conn: sa.Connection, sid: int, ino: int) -> Attr:
 
 def hold_new(conn: sa.Connection, sid: int, ino: int) -> None:
     """Record that ``sid`` holds the inode it is creating in this transaction open."""
-    q = sa.select(SE.c.sid).where(SE.c.sid == sid).with_for_update(read=True, key_share=True)
-    if conn.execute(q).first() is None:
+    if _SESSION_ALIVE.first(conn, b_sid=sid) is None:
         raise SessionExpired(f"session {sid} was declared dead and cleaned up")
-    conn.execute(SS.insert().values(sid=sid, ino=ino))
+    _INSERT_HOLD.rowcount(conn, sid=sid, ino=ino)
 
 
 def release_file(conn: sa.Connection, sid: int, ino: int, now: int) -> None:
     """Session ``sid`` closed its last handle of ``ino``; an unlinked inode may now go."""
     a = get_attr(conn, ino, lock="delete")
-    conn.execute(sa.delete(SS).where(SS.c.sid == sid, SS.c.ino == ino))
+    _DELETE_HOLD.rowcount(conn, b_sid=sid, b_ino=ino)
     if a is not None and a.nlink == 0 and not is_open(conn, ino):
         destroy_inode(conn, a, now)
 

@@ -81,6 +81,14 @@ class U64(sa.types.TypeDecorator[int]):
         return value + _U64_SPAN if value < 0 else value
 
 
+def u64_to_db(value: int) -> int:
+    """What :class:`U64` stores for ``value`` (for statements that bind values themselves,
+    :mod:`appendfs.meta.fastsql`)."""
+    stored = U64().process_bind_param(value, None)
+    assert stored is not None
+    return stored
+
+
 def _id() -> sa.types.TypeEngine[int]:
     # SQLite only makes INTEGER PRIMARY KEY an alias of the rowid (autoincrementing).
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
