@@ -191,7 +191,7 @@ def datanode_cmd(config_file: Path | None, **flags: Any) -> None:
     store = ExtentStore(FileBackend(cfg.data, cfg.capacity_bytes, cfg.direct_io), high_water=cfg.high_water,
                         reserve_bytes=cfg.reserve_bytes, read_threads=cfg.read_threads,
                         commit_bytes=cfg.commit_bytes, commit_wait_s=cfg.commit_wait_s,
-                        inline_write_bytes=cfg.inline_write_bytes)
+                        inline_write_bytes=cfg.inline_write_bytes, inline_commit_s=cfg.inline_commit_s)
     recovering = store.recover()
     if recovering:
         log.info("%d extents were open at the last stop; they reconcile with the MetaNode", len(recovering))
