@@ -156,3 +156,30 @@ def test_readdir_plus_pages_match_readdir_and_getattr(meta: Meta) -> None:
                 out.extend(e.name for e in page)
                 after = page[-1].name
         assert plain == plus == sorted(names)
+
+
+def test_a_sqlite_writer_lock_held_elsewhere_gives_unavailable_then_clears(
+    sqlite_url: str, open_meta_fn: Callable[..., Meta]
+) -> None:
+    """BEGIN IMMEDIATE runs on the driver's connection (appendfs.db): a busy database must
+    still reach the runner as SQLAlchemy's error, so it is retried within the budget and
+    then reported as MetaUnavailable — never a raw sqlite3 error — and works once free."""
+    import sqlite3
+
+    from appendfs.db import make_engine
+    from appendfs.meta import MetaConfig, MetaUnavailable
+
+    open_meta_fn(sqlite_url).mkdir(ROOT_INO, b"d", 0o755, 0, 0)  # creates the schema
+    m = Meta(make_engine(sqlite_url, pool_size=2, pre_ping=False, busy_timeout_s=0.2),
+             MetaConfig(unreachable_timeout_s=0.6))
+    other = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
+        with pytest.raises(MetaUnavailable, match="busy"):
+            m.mkdir(ROOT_INO, b"e", 0o755, 0, 0)
+        assert m.lookup(ROOT_INO, b"d").ino > 0  # snapshot reads never wait for the writer
+        other.execute("ROLLBACK")
+        assert m.mkdir(ROOT_INO, b"e", 0o755, 0, 0).ino > 0
+    finally:
+        other.close()
+        m.close()
