@@ -75,6 +75,16 @@ def test_entries_for_covers_each_block() -> None:
     assert entries_for(b"") == b""
 
 
+@given(length=st.integers(min_value=0, max_value=5 * BLOCK_BYTES + 9), seed=st.integers(0, 2**16))
+@settings(max_examples=100, deadline=None)
+def test_entries_for_equals_encoding_each_block_alone(length: int, seed: int) -> None:
+    """The bulk encoder (a few C calls for all blocks) against the one-entry reference."""
+    data = data_of(length, seed)
+    reference = b"".join(encode_entry(checksum(data[i:i + BLOCK_BYTES]), len(data[i:i + BLOCK_BYTES]))
+                         for i in range(0, length, BLOCK_BYTES))
+    assert entries_for(data) == reference
+
+
 # ---- incremental appends ----------------------------------------------------------------
 
 
@@ -137,6 +147,20 @@ def test_verify_catches_one_flipped_byte_anywhere(data: st.DataObject) -> None:
     with pytest.raises(BlockError) as err:
         verify_blocks(bad, entries, 10)
     assert err.value.block_index == 10 + pos // BLOCK_BYTES
+
+
+@given(block=st.integers(0, 3), bit=st.integers(96, 127))
+@settings(max_examples=40, deadline=None)
+def test_verify_names_the_block_whose_entry_check_is_torn(block: int, bit: int) -> None:
+    """Data and digest intact, only an entry's own check damaged: the checksum file is
+    corrupt there, and verification says so at that block (scrub relies on it)."""
+    data = data_of(4 * BLOCK_BYTES - 7)
+    entries = bytearray(entries_for(data))
+    entries[block * ENTRY_BYTES:(block + 1) * ENTRY_BYTES] = flip_bit(
+        bytes(entries[block * ENTRY_BYTES:(block + 1) * ENTRY_BYTES]), bit)
+    with pytest.raises(BlockError, match="torn") as err:
+        verify_blocks(data, bytes(entries), 5)
+    assert err.value.block_index == 5 + block
 
 
 def test_verify_catches_missing_and_mismatched_entries() -> None:
