@@ -6,7 +6,10 @@ Layout under the device directory ``DIR/extents/``::
     <extent id, 16 hex>.sum   16-byte block entries, entry i at offset 16*i
     <extent id, 16 hex>.meta  JSON ExtentMeta, replaced atomically (tmp, fsync, rename, fsync dir)
 
-File descriptors of recently used extents are cached (bounded). ``capacity_bytes``, when
+File descriptors of recently used extents are cached (bounded, least recently used out);
+each call holds a reference to the descriptor it uses, and an evicted one is closed only
+when its last user is done, so a long fdatasync or read in one thread never ends up on a
+number that another thread's open reused. ``capacity_bytes``, when
 set, caps the device below the filesystem's size (several DataNodes can share one disk,
 and tests can fill a device without filling the disk).
 
@@ -29,6 +32,9 @@ import mmap
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from appendfs.errors import VersionMismatch
@@ -47,6 +53,15 @@ _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 _ALIGN = 4096  # O_DIRECT offset/length/buffer alignment (>= the device's logical block size)
 
 
+@dataclass(eq=False)
+class _Fd:
+    """A cached descriptor and the number of calls using it right now (see _retire)."""
+
+    fd: int
+    refs: int = 0
+    retired: bool = False
+
+
 class FileBackend(Backend):
     kind = "file"
 
@@ -55,7 +70,7 @@ class FileBackend(Backend):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
         self.direct_io = direct_io
-        self._fds: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self._fds: OrderedDict[tuple[int, str], _Fd] = OrderedDict()  # LRU, at most _MAX_OPEN_EXTENTS
         self._lock = threading.Lock()
         self._used = sum(p.stat().st_size for p in self.dir.glob("*.dat"))
         self._sizes: dict[int, int] = {}  # logical end of each extent's data (the file may be padded)
@@ -67,13 +82,18 @@ class FileBackend(Backend):
     def _path(self, extent_id: int, suffix: str) -> Path:
         return self.dir / f"{extent_id:016x}.{suffix}"
 
-    def _fd(self, extent_id: int, suffix: str) -> int:
+    def _acquire(self, extent_id: int, suffix: str, *, open_missing: bool = True) -> _Fd | None:
+        """The cached descriptor of one file of an extent, with a reference taken (give it
+        back with :meth:`_release`); opened if needed unless ``open_missing`` is False."""
         key = (extent_id, suffix)
         with self._lock:
-            fd = self._fds.get(key)
-            if fd is not None:
+            h = self._fds.get(key)
+            if h is not None:
                 self._fds.move_to_end(key)
-                return fd
+                h.refs += 1
+                return h
+        if not open_missing:
+            return None
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if suffix == "dio" else 0)
         try:
             fd = os.open(self._path(extent_id, "dat" if suffix == "dio" else suffix), flags)
@@ -83,20 +103,46 @@ class FileBackend(Backend):
             other = self._fds.get(key)
             if other is not None:
                 os.close(fd)
+                other.refs += 1
                 return other
-            self._fds[key] = fd
+            h = self._fds[key] = _Fd(fd, 1)
             while len(self._fds) > _MAX_OPEN_EXTENTS:
                 _, old = self._fds.popitem(last=False)
-                os.close(old)
-        return fd
+                self._retire(old)
+        return h
+
+    def _release(self, h: _Fd) -> None:
+        with self._lock:
+            h.refs -= 1
+            if h.retired and h.refs == 0:
+                os.close(h.fd)
+
+    def _retire(self, h: _Fd) -> None:
+        """Close an evicted or forgotten descriptor — once nobody uses it. Closed under a
+        thread's feet, its number could be reused by the next open, and that thread's
+        pwrite or fdatasync would hit another extent's file. (Call with ``_lock`` held.)"""
+        h.retired = True
+        if h.refs == 0:
+            os.close(h.fd)
+
+    @contextmanager
+    def _using(self, extent_id: int, suffix: str) -> Iterator[int]:
+        """A descriptor of one file of an extent, valid for the block (``dio``: the data
+        file opened O_DIRECT)."""
+        h = self._acquire(extent_id, suffix)
+        assert h is not None
+        try:
+            yield h.fd
+        finally:
+            self._release(h)
 
     def _forget(self, extent_id: int) -> None:
         with self._lock:
             self._tails.pop(extent_id, None)
             for suffix in ("dat", "sum", "dio"):
-                fd = self._fds.pop((extent_id, suffix), None)
-                if fd is not None:
-                    os.close(fd)
+                h = self._fds.pop((extent_id, suffix), None)
+                if h is not None:
+                    self._retire(h)
 
     @property
     def local_dir(self) -> str | None:
@@ -119,7 +165,8 @@ class FileBackend(Backend):
     def _logical_end(self, extent_id: int) -> int:
         known = self._sizes.get(extent_id)
         if known is None:  # first use since start: the file's size (recovery truncates padding)
-            known = os.fstat(self._fd(extent_id, "dat")).st_size
+            with self._using(extent_id, "dat") as fd:
+                known = os.fstat(fd).st_size
             with self._lock:
                 self._sizes.setdefault(extent_id, known)
         return known
@@ -139,7 +186,8 @@ class FileBackend(Backend):
             else:
                 phys_after = max(phys_before, -(-end // _ALIGN) * _ALIGN)
         if not self.direct_io:
-            written = os.pwrite(self._fd(extent_id, "dat"), data, offset)
+            with self._using(extent_id, "dat") as fd:
+                written = os.pwrite(fd, data, offset)
             if written != len(data):
                 raise BackendError(f"short write on extent {extent_id}: {written} of {len(data)}")
         with self._lock:
@@ -150,7 +198,8 @@ class FileBackend(Backend):
     def _physical(self, extent_id: int) -> int:
         size = self._phys.get(extent_id)
         if size is None:
-            size = os.fstat(self._fd(extent_id, "dat")).st_size
+            with self._using(extent_id, "dat") as fd:
+                size = os.fstat(fd).st_size
             with self._lock:
                 self._phys.setdefault(extent_id, size)
         return size
@@ -173,7 +222,8 @@ class FileBackend(Backend):
                 view[offset - start:end - start] = data
                 if end < stop:
                     view[end - start:stop - start] = self._existing(extent_id, end, stop - end, known)
-                written = os.pwrite(self._fd(extent_id, "dio"), view[: stop - start], start)
+                with self._using(extent_id, "dio") as fd:
+                    written = os.pwrite(fd, view[: stop - start], start)
                 if written != stop - start:
                     raise BackendError(f"short direct write on extent {extent_id}: {written} of {stop - start}")
                 last = new_end - new_end % _ALIGN
@@ -189,28 +239,34 @@ class FileBackend(Backend):
         tail = self._tails.get(extent_id)
         if tail is not None and at == known - len(tail) and length >= len(tail):
             return tail + bytes(length - len(tail))
-        got = os.pread(self._fd(extent_id, "dat"), min(length, known - at), at)
+        with self._using(extent_id, "dat") as fd:
+            got = os.pread(fd, min(length, known - at), at)
         return got + bytes(length - len(got))
 
     def sync_data(self, extent_ids: list[int]) -> None:
         for extent_id in extent_ids:
-            os.fdatasync(self._fd(extent_id, "dat"))
+            with self._using(extent_id, "dat") as fd:
+                os.fdatasync(fd)
 
     def write_checksums(self, extent_id: int, first_block: int, entries: bytes) -> None:
-        os.pwrite(self._fd(extent_id, "sum"), entries, first_block * ENTRY_BYTES)
+        with self._using(extent_id, "sum") as fd:
+            os.pwrite(fd, entries, first_block * ENTRY_BYTES)
 
     def sync_checksums(self, extent_ids: list[int]) -> None:
         for extent_id in extent_ids:
-            os.fdatasync(self._fd(extent_id, "sum"))
+            with self._using(extent_id, "sum") as fd:
+                os.fdatasync(fd)
 
     def read_data(self, extent_id: int, offset: int, length: int) -> bytes:
         limit = self._sizes.get(extent_id)
         if limit is not None:  # never hand out the zero padding of a direct write
             length = max(0, min(length, limit - offset))
-        return os.pread(self._fd(extent_id, "dat"), length, offset)
+        with self._using(extent_id, "dat") as fd:
+            return os.pread(fd, length, offset)
 
     def read_checksums(self, extent_id: int, first_block: int, count: int) -> bytes:
-        got = os.pread(self._fd(extent_id, "sum"), count * ENTRY_BYTES, first_block * ENTRY_BYTES)
+        with self._using(extent_id, "sum") as fd:
+            got = os.pread(fd, count * ENTRY_BYTES, first_block * ENTRY_BYTES)
         # The prewritten zeros past the last entry are not entries: cut them like a short read.
         end = len(got)
         while end >= ENTRY_BYTES and not any(got[end - ENTRY_BYTES:end]):
@@ -222,11 +278,24 @@ class FileBackend(Backend):
         """RWF_NOWAIT reads: the page cache answers at once or says EAGAIN (Linux ≥ 4.14)."""
         if _RWF_NOWAIT is None:
             return None
-        with self._lock:  # only descriptors already open: opening one may block
-            dfd = self._fds.get((extent_id, "dat"))
-            sfd = self._fds.get((extent_id, "sum"))
-        if dfd is None or sfd is None:
+        # Only descriptors already open: opening one may block.
+        dh = self._acquire(extent_id, "dat", open_missing=False)
+        if dh is None:
             return None
+        try:
+            sh = self._acquire(extent_id, "sum", open_missing=False)
+            if sh is None:
+                return None
+            try:
+                return self._read_nowait(extent_id, dh.fd, sh.fd, offset, length, first_block, count)
+            finally:
+                self._release(sh)
+        finally:
+            self._release(dh)
+
+    def _read_nowait(self, extent_id: int, dfd: int, sfd: int, offset: int, length: int, first_block: int,
+                     count: int) -> tuple[bytes, bytes] | None:
+        assert _RWF_NOWAIT is not None
         limit = self._sizes.get(extent_id)
         if limit is not None:
             length = max(0, min(length, limit - offset))
@@ -244,16 +313,17 @@ class FileBackend(Backend):
         return bytes(data), bytes(sums[:end])
 
     def data_size(self, extent_id: int) -> int:
-        return os.fstat(self._fd(extent_id, "dat")).st_size
+        with self._using(extent_id, "dat") as fd:
+            return os.fstat(fd).st_size
 
     def truncate(self, extent_id: int, length: int, blocks: int) -> None:
         old = self._physical(extent_id)
-        fd = self._fd(extent_id, "dat")
-        os.ftruncate(fd, length)
-        os.fsync(fd)
-        sfd = self._fd(extent_id, "sum")
-        os.ftruncate(sfd, blocks * ENTRY_BYTES)
-        os.fsync(sfd)
+        with self._using(extent_id, "dat") as fd:
+            os.ftruncate(fd, length)
+            os.fsync(fd)
+        with self._using(extent_id, "sum") as sfd:
+            os.ftruncate(sfd, blocks * ENTRY_BYTES)
+            os.fsync(sfd)
         with self._lock:
             self._sizes[extent_id] = length
             self._phys[extent_id] = length
@@ -338,6 +408,6 @@ class FileBackend(Backend):
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for h in self._fds.values():
+                self._retire(h)
             self._fds.clear()
