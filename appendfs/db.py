@@ -27,8 +27,12 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 
 def make_engine(url: str, *, pool_size: int = 5, busy_timeout_s: float = 30.0,
-                relaxed_durability: bool = False, pre_ping: bool = True, must_exist: bool = False) -> Engine:
+                relaxed_durability: bool = False, pre_ping: bool = True, must_exist: bool = False,
+                sqlite_autocheckpoint: bool = True) -> Engine:
     """Create an engine for META_URL with appendfs's durability settings.
+
+    ``sqlite_autocheckpoint=False`` turns off SQLite's checkpoint at commit time (for
+    connections whose commits run on an event loop; someone else must checkpoint).
 
     ``must_exist=True`` (daemons and tools other than `format`) refuses a SQLite path that
     does not exist, instead of creating an empty file that hides a typo.
@@ -44,7 +48,7 @@ def make_engine(url: str, *, pool_size: int = 5, busy_timeout_s: float = 30.0,
     if backend == "sqlite":
         if must_exist and parsed.database and not os.path.exists(parsed.database):
             raise ConfigError(f"META_URL {url!r}: {parsed.database} does not exist (create it with `appendfs format`)")
-        return _sqlite_engine(parsed, busy_timeout_s, relaxed_durability)
+        return _sqlite_engine(parsed, busy_timeout_s, relaxed_durability, pool_size, sqlite_autocheckpoint)
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
@@ -56,11 +60,12 @@ def make_engine(url: str, *, pool_size: int = 5, busy_timeout_s: float = 30.0,
     raise ConfigError(f"META_URL {url!r}: unsupported database {backend!r} (use sqlite or postgresql)")
 
 
-def _sqlite_engine(parsed: sa.engine.URL, busy_timeout_s: float, relaxed: bool) -> Engine:
+def _sqlite_engine(parsed: sa.engine.URL, busy_timeout_s: float, relaxed: bool, pool_size: int,
+                   autocheckpoint: bool) -> Engine:
     if not parsed.database or parsed.database == ":memory:":
         raise ConfigError("META_URL: an in-memory SQLite database cannot be shared; give sqlite:///PATH")
     engine = sa.create_engine(parsed, connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
-                              pool_size=8, max_overflow=8)
+                              pool_size=max(pool_size, 8), max_overflow=8)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -72,6 +77,8 @@ def _sqlite_engine(parsed: sa.engine.URL, busy_timeout_s: float, relaxed: bool) 
         cur.execute(f"PRAGMA synchronous={'NORMAL' if relaxed else 'FULL'}")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
+        if not autocheckpoint:
+            cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
 
     @event.listens_for(engine, "begin")

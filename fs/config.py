@@ -46,6 +46,8 @@ class FsConfig:
     meta_timeout_s: float = option(15.0, "a namespace call fails with EIO after the database is unreachable this long", positive)
     meta_pool: int = option(8, "database connections (and threads) of this client", positive)
     inline_sqlite_reads: bool = option(True, "on SQLite, run namespace reads on the event loop instead of a thread")
+    inline_sqlite_writes: bool = option(True, "on SQLite, run short namespace writes on the event loop instead of a thread")
+    inline_sync_s: float = option(0.001, "the WAL fsync of inline writes runs on the event loop while fsyncs average under this; 0: always in a thread", non_negative)
     session_ttl_s: float = option(60.0, "this client is declared dead (its open files released) after this silence", positive)
     statfs_cache_s: float = option(2.0, "statfs answers are reused for this long", non_negative)
     maintenance_interval_s: float = option(10.0, "period of dead-session cleanup and deleted-file purge", positive)

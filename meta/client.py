@@ -13,6 +13,15 @@ by locks.
 Reads (getattr, lookup, readdir …) run in autocommit mode on PostgreSQL (under READ
 COMMITTED a transaction would add round trips and no consistency) and in a deferred
 snapshot on SQLite (no write lock, so readers never wait for writers). Writes run in explicit transactions (BEGIN IMMEDIATE on SQLite).
+
+Inline writes (SQLite): :meth:`Meta.run_inline` runs a call on the caller's thread — an
+event loop — with writes that never wait (:meth:`~appendfs.meta.txn.Runner.run_once`)
+and commit without an fsync; it returns the WAL position the caller must make durable
+with :meth:`Meta.sync_wal` (in a thread, shared between callers) before answering. A
+thread hop per write cost more CPU than the write itself and, under load, kept the
+writer lock held while the worker waited for the GIL (docs/namespace.md). Only calls
+that are safe to run twice may go inline: on :class:`~appendfs.meta.txn.WouldBlock` the
+caller runs the whole call again in a thread.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from appendfs.db import is_sqlite, make_engine
 from appendfs.meta import check, data, listing, ops, s3, schema
 from appendfs.meta import slices as sl
 from appendfs.meta.errors import CommitOutcomeUnknown, FsError, MetaError, S3Error
-from appendfs.meta.txn import IdAllocator, MetaConfig, Runner
+from appendfs.meta.txn import IdAllocator, MetaConfig, Runner, WalSync, WouldBlock
 from appendfs.meta.types import (
     Attr,
     DirEntry,
@@ -76,6 +85,11 @@ class Meta:
         self._sids = IdAllocator(self._runner, schema.NEXT_SID, 1)
         self._open_lock = threading.Lock()
         self._open_counts: dict[tuple[int, int], int] = {}
+        self._tls = threading.local()
+        self._inline: Runner | None = None
+        self.wal: WalSync | None = None
+        #: inline calls run, and those that would have waited (run again in a thread)
+        self.inline_stats = {"inline_writes": 0, "inline_would_block": 0}
 
     @classmethod
     def from_url(cls, url: str, config: MetaConfig | None = None, *, pool_size: int = 8) -> Meta:
@@ -90,11 +104,75 @@ class Meta:
     def close(self) -> None:
         self._runner.close()
         self._reader.close()
+        if self._inline is not None:
+            self._inline.close()
+            self._inline.engine.dispose()
         self.engine.dispose()
+
+    # --- inline writes (SQLite) ----------------------------------------------------------
+
+    def run_inline(self, fn: Callable[..., T], *args: Any, **kw: Any) -> tuple[T, int]:
+        """Run the Meta call ``fn(*args, **kw)`` on this thread with writes that never wait.
+
+        Returns its result and the WAL position to pass to :meth:`sync_wal` (0: nothing to
+        sync) before the result is acted on. Raises
+        :class:`~appendfs.meta.txn.WouldBlock` when a write would wait (the call changed
+        nothing: run it again in a thread) and whatever ``fn`` raises. SQLite only.
+        """
+        if self._inline is None:
+            if not self.is_sqlite or not self.engine.url.database:
+                raise WouldBlock("inline writes need SQLite")
+            # No busy timeout (never wait for another process), NORMAL (the fsync is
+            # sync_wal's), no checkpoint at commit (checkpoint() runs them in a thread).
+            engine = make_engine(self.engine.url.render_as_string(hide_password=False), pool_size=2,
+                                 pre_ping=False, busy_timeout_s=0, relaxed_durability=True,
+                                 sqlite_autocheckpoint=False)
+            raw = engine.raw_connection()  # the file as SQLite names it (its WAL is NAME-wal)
+            try:
+                rows = raw.cursor().execute("PRAGMA database_list").fetchall()
+                path = next(str(r[2]) for r in rows if r[1] == "main")
+            finally:
+                raw.close()
+            self._inline = Runner(engine, self.config)
+            self.wal = WalSync(path)
+        self._tls.inline = True
+        self._tls.seq = 0
+        try:
+            result = fn(*args, **kw)
+        except WouldBlock:
+            self.inline_stats["inline_would_block"] += 1
+            raise
+        finally:
+            self._tls.inline = False
+        self.inline_stats["inline_writes"] += 1
+        return result, self._tls.seq
+
+    def _inline_now(self) -> bool:
+        return getattr(self._tls, "inline", False)
+
+    def sync_wal(self, seq: int) -> None:
+        """Make inline commits up to ``seq`` durable (blocking: call it in a thread)."""
+        if self.wal is not None and self.wal.synced < seq:
+            self.wal.sync()
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """A PASSIVE WAL checkpoint (inline connections never checkpoint at commit):
+        (busy, frames in the WAL, frames checkpointed)."""
+        raw = self.engine.raw_connection()  # outside any transaction: a checkpoint cannot run in one
+        try:
+            row = raw.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            raw.close()
+        return int(row[0]), int(row[1]), int(row[2])
 
     # --- plumbing ------------------------------------------------------------------------
 
     def _write(self, what: str, fn: Callable[[sa.Connection], T]) -> T:
+        if self._inline is not None and self._inline_now():
+            assert self.wal is not None
+            result = self._inline.run_once(fn, what)
+            self._tls.seq = self.wal.note_commit()
+            return result
         return self._runner.run(fn, what)
 
     def _read(self, what: str, fn: Callable[[sa.Connection], T]) -> T:
@@ -155,7 +233,7 @@ class Meta:
     ) -> Attr:
         n = ops.check_name(name)
         attrs = {ops.check_xattr_name(k): bytes(v) for k, v in (xattrs or {}).items()}
-        new = ops.NewInode(self._inos.next(), kind, mode, uid, gid, rdev, target)
+        new = ops.NewInode(self._inos.next(wait=not self._inline_now()), kind, mode, uid, gid, rdev, target)
         if open_sid is None and not attrs:
             return self._write(what, lambda c: ops.make(c, parent, n, new, time.time_ns(), self._gran))
 
@@ -370,8 +448,20 @@ class Meta:
             self._write("release", lambda c: data.release_file(c, sid, ino, time.time_ns()))
 
     def release_many(self, sid: int, inos: Sequence[int]) -> None:
-        """:meth:`release` of several inodes in one transaction (batched closes)."""
-        last = sorted({ino for ino in inos if self._forget((sid, ino)) <= 0})
+        """:meth:`release` of several inodes in one transaction (batched closes). Safe to
+        run again after :class:`~appendfs.meta.txn.WouldBlock` (the counts are restored)."""
+        counted = []  # handles this call dropped from the counts (undone if it would block)
+        with self._open_lock:
+            for ino in inos:
+                key = (sid, ino)
+                n = self._open_counts.get(key, 0)
+                if n > 0:
+                    counted.append(key)
+                if n <= 1:
+                    self._open_counts.pop(key, None)
+                else:
+                    self._open_counts[key] = n - 1
+            last = sorted({ino for ino in inos if (sid, ino) not in self._open_counts})
         if not last:
             return
         now = time.time_ns()
@@ -380,7 +470,13 @@ class Meta:
             for ino in last:  # ascending: the lock order of every transaction
                 data.release_file(c, sid, ino, now)
 
-        self._write("release_many", fn)
+        try:
+            self._write("release_many", fn)
+        except WouldBlock:
+            with self._open_lock:
+                for key in counted:
+                    self._open_counts[key] = self._open_counts.get(key, 0) + 1
+            raise
 
     def close_session(self, sid: int) -> None:
         with self._open_lock:

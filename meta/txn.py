@@ -15,6 +15,15 @@ Every namespace operation is one function ``fn(conn) -> result`` run by
   transaction, so threads queue in Python rather than in SQLite's sleeping busy handler
   (other processes still queue on ``BEGIN IMMEDIATE`` and the busy timeout).
 
+:meth:`Runner.run_once` is the other way to run a write, for a caller on an event loop
+(SQLite only): one attempt that never waits. Its runner's connections have no busy timeout,
+``synchronous=NORMAL`` and no automatic checkpoint, so the commit costs no fsync and no
+checkpoint; anything that would wait (this process's writer lock taken, another process's
+``BEGIN IMMEDIATE``, a lost race) raises :class:`WouldBlock` and the caller runs the call
+the ordinary way in a thread. Such a commit is durable only after :meth:`WalSync.sync`:
+the caller must wait for that before it tells anyone the change happened (see
+:class:`WalSync`).
+
 Thread safety: a Runner and an IdAllocator may be shared by any number of threads; each
 ``run`` uses a connection of its own for the whole transaction. Connections are kept by
 the Runner between calls (a small LIFO of idle ones) instead of going back to the
@@ -28,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import threading
 import time
@@ -72,6 +82,11 @@ class MetaConfig:
 
 class Retry(Exception):
     """Raised inside a transaction function: a conditional update lost a race; rerun it."""
+
+
+class WouldBlock(Exception):
+    """:meth:`Runner.run_once` would have had to wait; nothing was changed. Run the call
+    again the ordinary way (in a thread)."""
 
 
 _SQLITE_LOCKS: dict[str, threading.Lock] = {}
@@ -199,6 +214,97 @@ class Runner:
             time.sleep(delay * (0.5 + random.random() / 2))
 
 
+    def run_once(self, fn: Callable[[sa.Connection], T], what: str) -> T:
+        """One attempt of ``fn`` that never waits (see the module docstring); raises
+        :class:`WouldBlock` instead of waiting or retrying. The caller must make the commit
+        durable (:meth:`WalSync.sync`) before acting on it."""
+        if self._lock is None or not self._lock.acquire(blocking=False):
+            raise WouldBlock(what)
+        try:
+            conn = self._checkout()
+            committing = False
+            try:
+                with conn.begin():
+                    result = fn(conn)
+                    committing = True
+            except Retry:
+                self._checkin(conn)
+                raise WouldBlock(what) from None
+            except MetaError:
+                self._checkin(conn)
+                raise
+            except sa.exc.DBAPIError as exc:
+                conn.close()
+                if committing and is_unreachable(exc):
+                    raise CommitOutcomeUnknown(
+                        f"{what}: the metadata database failed during COMMIT; the change may or "
+                        f"may not be applied ({type(exc.orig).__name__})"
+                    ) from exc
+                if is_retryable(exc) or is_unreachable(exc):
+                    raise WouldBlock(what) from exc  # busy elsewhere, or an error the thread path retries
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            self._checkin(conn)
+            return result
+        finally:
+            self._lock.release()
+
+
+class WalSync:
+    """Makes the commits of a ``synchronous=NORMAL`` SQLite connection durable.
+
+    In WAL mode ``synchronous=FULL`` means: fsync the WAL at every commit. NORMAL skips that
+    fsync (checkpoints still sync). A commit followed by an fdatasync of the WAL file
+    before anyone is told about it is therefore as durable as a FULL commit (DESIGN §8);
+    the difference is that other connections may see it a moment before it is durable,
+    as on a local filesystem before its journal commit. Because the WAL is one sequential
+    file, one fdatasync covers every commit before it: waiters share syncs (group commit).
+
+    Thread-safe. ``committed`` counts the NORMAL commits; :meth:`sync` (blocking, for a
+    worker thread) makes all commits counted so far durable. A failed fsync is final: the
+    kernel may have dropped the dirty pages, so every later sync raises too.
+    """
+
+    def __init__(self, db_path: str) -> None:
+        self.wal_path = f"{db_path}-wal"
+        self.committed = 0
+        self.synced = 0
+        self.syncs = 0
+        self._lock = threading.Lock()
+        self._broken: OSError | None = None
+
+    def note_commit(self) -> int:
+        """Count one NORMAL commit; returns its number, for :meth:`sync` and ``synced``."""
+        self.committed += 1  # only ever called by the one thread that runs run_once commits
+        return self.committed
+
+    def sync(self) -> None:
+        """fdatasync the WAL, making every commit counted before the call durable."""
+        with self._lock:
+            if self._broken is not None:
+                raise MetaUnavailable(f"the namespace WAL {self.wal_path} could not be synced earlier "
+                                      f"({self._broken}); restart this client") from self._broken
+            target = self.committed
+            if self.synced >= target:
+                return
+            try:
+                fd = os.open(self.wal_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # checkpointed into the (synced) database and removed
+                self.synced = target
+                return
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                self._broken = exc
+                raise MetaUnavailable(f"fdatasync of the namespace WAL {self.wal_path} failed: {exc}") from exc
+            finally:
+                os.close(fd)
+            self.synced = target
+            self.syncs += 1
+
+
 class IdAllocator:
     """Hands out ids from a ``counter`` row in batches (one short transaction per batch)."""
 
@@ -221,16 +327,24 @@ class IdAllocator:
         ).one()
         return int(row.value)
 
-    def next(self) -> int:
-        with self._lock:
+    def next(self, *, wait: bool = True) -> int:
+        """The next id; with ``wait=False`` (on an event loop) :class:`WouldBlock` instead
+        of waiting for the lock or running the refill transaction."""
+        if not self._lock.acquire(blocking=wait):
+            raise WouldBlock(f"allocate {self._name}")
+        try:
             if self._returned:
                 return self._returned.pop()
             if self._next >= self._end:
+                if not wait:
+                    raise WouldBlock(f"allocate {self._name}")
                 end = self._runner.run(self._take, f"allocate {self._name}")
                 self._next, self._end = end - self._batch, end
             value = self._next
             self._next += 1
             return value
+        finally:
+            self._lock.release()
 
     def give_back(self, ids: Sequence[int]) -> None:
         """Return ids taken by :meth:`next` that no committed transaction used.
