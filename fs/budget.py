@@ -27,8 +27,11 @@ class ByteBudget:
     async def take(self, n: int) -> None:
         n = min(n, self.total)  # one request larger than everything waits for an empty budget
         if not self._waiters and self.used + n <= self.total:
+            # Cancelled here, the caller must not hold the bytes: check first, then take
+            # them with a checkpoint that cannot raise (trio's checkpoint pattern).
+            await trio.lowlevel.checkpoint_if_cancelled()
             self.used += n
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         ev = trio.Event()
         item = (n, ev)
