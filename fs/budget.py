@@ -56,7 +56,7 @@ class ByteBudget:
 @dataclass
 class _Fetch:
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes = b""
+    data: bytes | bytearray = b""
     lo: int = 0
     error: BaseException | None = None
 
@@ -68,12 +68,12 @@ class BlockCache:
         self.capacity_bytes = capacity_bytes
         self.block_bytes = block_bytes
         self.used_bytes = 0
-        self._entries: OrderedDict[tuple[int, int], tuple[int, bytes]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, int], tuple[int, bytes | bytearray]] = OrderedDict()
         self.inflight: dict[tuple[int, int], _Fetch] = {}
         self.hits = 0
         self.misses = 0
 
-    def get(self, extent_id: int, lo: int, hi: int) -> bytes | None:
+    def get(self, extent_id: int, lo: int, hi: int) -> bytes | bytearray | None:
         """Bytes ``[lo, hi)`` of the extent if one cached entry holds them all."""
         key = (extent_id, lo // self.block_bytes)
         entry = self._entries.get(key)
@@ -85,7 +85,7 @@ class BlockCache:
         start = lo - entry[0]
         return entry[1][start:start + hi - lo]
 
-    def put(self, extent_id: int, lo: int, data: bytes) -> None:
+    def put(self, extent_id: int, lo: int, data: bytes | bytearray) -> None:
         if len(data) > self.capacity_bytes:
             return
         key = (extent_id, lo // self.block_bytes)

@@ -674,7 +674,7 @@ class FileSystem:
                 of.segmap = m
         return m
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         h = self.handle(fh)
         of = h.of
         chunks = of.pending_chunks()  # before the slice map: see the module docstring
@@ -699,7 +699,7 @@ class FileSystem:
         overlay(buf, off, chunks)
         return bytes(buf)
 
-    async def _read_segment(self, m: SegmentMap, p: Segment, sequential: bool) -> bytes:
+    async def _read_segment(self, m: SegmentMap, p: Segment, sequential: bool) -> bytes | bytearray:
         assert p.extent_id is not None
         if not sequential:
             return await self.client.read(p.extent_id, p.ext_off, p.length)
@@ -726,7 +726,7 @@ class FileSystem:
         return whole.ext_off, whole.ext_off + whole.length
 
     async def _fetch_block(self, extent_id: int, block: int, need_lo: int, need_hi: int,
-                           span_lo: int, span_hi: int) -> bytes:
+                           span_lo: int, span_hi: int) -> bytes | bytearray:
         key = (extent_id, block)
         bb = self.cache.block_bytes
         f = self.cache.inflight.get(key)

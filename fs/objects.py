@@ -158,7 +158,7 @@ class ObjectWriter:
 @dataclass(eq=False)
 class _Slot:
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes = b""
+    data: bytes | bytearray = b""
     error: BaseException | None = None
 
 
@@ -204,7 +204,7 @@ class RangeReader:
     def __aiter__(self) -> RangeReader:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> bytes | bytearray:
         self._fill()
         if not self._slots:
             raise StopAsyncIteration

@@ -160,10 +160,10 @@ class Gateway:
     def forget_bucket(self, name: str) -> None:
         self._buckets.pop(name, None)
 
-    def stream(self, segments: list[Segment], start: int, end: int) -> AsyncIterator[bytes]:
+    def stream(self, segments: list[Segment], start: int, end: int) -> AsyncIterator[bytes | bytearray]:
         return self._stream(segments, start, end)
 
-    async def _stream(self, segments: list[Segment], start: int, end: int) -> AsyncIterator[bytes]:
+    async def _stream(self, segments: list[Segment], start: int, end: int) -> AsyncIterator[bytes | bytearray]:
         async with self.fs.read_range(segments, start, end) as reader:
             async for data in reader:
                 self.stats["bytes_out"] += len(data)

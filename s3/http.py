@@ -65,7 +65,7 @@ class Request:
 class Response:
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes | AsyncIterator[bytes] = b""
+    body: bytes | AsyncIterator[bytes | bytearray] = b""
 
     @classmethod
     def xml(cls, body: bytes, status: int = 200, headers: list[tuple[str, str]] | None = None) -> Response:

@@ -56,8 +56,8 @@ class StoreClient:
         self._maps: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._renewing = False
         self.stats: dict[str, int] = {"bad_replicas": 0, "read_fallbacks": 0}
-        self.local = LocalReads(auth.cluster_id, inline_bytes=cfg.local_inline_bytes, stats=self.stats) \
-            if cfg.short_circuit else None
+        self.local = LocalReads(auth.cluster_id, inline_bytes=cfg.local_inline_bytes, stats=self.stats,
+                                direct=cfg.local_direct_reads) if cfg.short_circuit else None
 
     @classmethod
     @asynccontextmanager
@@ -159,7 +159,7 @@ class StoreClient:
 
     # ---- reads ----------------------------------------------------------------------
 
-    async def read(self, extent_id: int, offset: int, length: int) -> bytes:
+    async def read(self, extent_id: int, offset: int, length: int) -> bytes | bytearray:
         """``length`` verified bytes at ``offset`` of the logical extent."""
         if length == 0:
             return b""
@@ -231,6 +231,8 @@ class StoreClient:
             try:
                 data = await self._read_replica(_local(m), int(m["epoch"]), rep, start, end - start,
                                                 index=idx if headers else None, sealed=m.get("state") == "sealed")
+                if isinstance(data, bytearray):  # (fragments are read buffered: see LocalReads.read)
+                    data = bytes(data)
                 if headers:
                     ec.check_span(layout, data, start=start, extent_id=extent_id, index=idx)
                 out[idx] = (start, data)
@@ -284,7 +286,7 @@ class StoreClient:
         await self._report_bad(extent_id, rep["node_id"], reason)
 
     async def _read_replica(self, extent_id: int, epoch: int, rep: dict[str, Any], offset: int, length: int,
-                            *, index: int | None = None, sealed: bool = False) -> bytes:
+                            *, index: int | None = None, sealed: bool = False) -> bytes | bytearray:
         """Verified bytes of one copy; ``extent_id`` is the id the DataNode stores it under.
         With ``index`` (an EC fragment) the copy must have been created as that index. A
         sealed copy on this host is read from its files when we can (store/client/local.py)."""
@@ -324,14 +326,14 @@ class StoreClient:
         except (StoreError, RpcError) as exc:
             log.warning("could not report the bad replica: %s", exc)
 
-    async def read_pieces(self, pieces: list[tuple[int, int, int]]) -> AsyncIterator[bytes]:
+    async def read_pieces(self, pieces: list[tuple[int, int, int]]) -> AsyncIterator[bytes | bytearray]:
         """Yield the bytes of (extent, offset, length) pieces in order, reading ahead in parallel."""
         chunks: list[tuple[int, int, int]] = []
         step = self.cfg.read_bytes
         for extent_id, off, length in pieces:
             for o in range(off, off + length, step):
                 chunks.append((extent_id, o, min(step, off + length - o)))
-        results: dict[int, bytes] = {}
+        results: dict[int, bytes | bytearray] = {}
         ready = {i: trio.Event() for i in range(len(chunks))}
         failure: list[BaseException] = []
         limit = trio.Semaphore(self.cfg.read_parallel)

@@ -33,5 +33,7 @@ class ClientConfig:
                                        "(verified as usual; see store/client/local.py)")
     local_inline_bytes: int = option(64 << 10, "short-circuit reads up to this size run on the event loop, "
                                                "larger ones in a worker thread (bytes)", positive)
+    local_direct_reads: bool = option(True, "short-circuit reads in worker threads use O_DIRECT: no page-cache "
+                                            "copy (off: buffered, the page cache keeps what was read)")
     ec_cell_bytes: int = option(64 << 10, "cell size of new ec:K+M streams (bytes; fixed per stream, "
                                           "see docs/erasure-coding.md §2)", _cell_sized)

@@ -23,10 +23,21 @@ Anything unexpected — a missing file, a short read, an entry that does not ver
 authoritative (it reports corruption; a short circuit never does). Small reads run on the
 event loop (a 4 KiB pread is a few µs from the page cache, ~100 µs from this disk: less
 than a thread hand-off), larger ones in a worker thread.
+
+The large ones read with ``O_DIRECT`` (``direct``, the default) into a page-aligned part of
+a fresh ``bytearray``, which is then returned as it is: no page-cache copy in the kernel
+and none in Python. The DataNode writes extents with ``O_DIRECT`` too, so the page cache
+holds nothing of a new extent that a buffered read could have found, and a sequential
+reader reads each block once. Measured here (docs/benchmarks.md): the client's CPU per
+GiB read 1.2-1.35 → 0.8-0.9 s, the mount's 2.6-3.3 → 2.1-2.3 s. A filesystem that
+refuses ``O_DIRECT`` (tmpfs) turns it off for the process; small reads stay buffered, so
+hot 4 KiB random reads keep the page cache.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -42,6 +53,8 @@ log = logging.getLogger(__name__)
 _FDS_MAX = 256  # open extents (two descriptors each)
 _RETRY_S = 30.0  # a DataNode that did not answer the ping is asked again after this
 _Files = tuple[int, int, int, int]  # data and checksum descriptors; the copy record's index, sealed length
+_ALIGN = 4096  # O_DIRECT offset, length and buffer alignment (BLOCK_BYTES is a multiple of it)
+assert BLOCK_BYTES % _ALIGN == 0
 
 
 class LocalReads:
@@ -49,9 +62,10 @@ class LocalReads:
     extents are cached for the small reads made on the event loop (only that thread opens,
     uses and closes them); reads in worker threads open and close their own."""
 
-    def __init__(self, cluster_id: str, *, inline_bytes: int, stats: dict[str, int]) -> None:
+    def __init__(self, cluster_id: str, *, inline_bytes: int, stats: dict[str, int], direct: bool = True) -> None:
         self.cluster_id = cluster_id
         self.inline_bytes = inline_bytes
+        self.direct = direct  # reads in worker threads use O_DIRECT (until a filesystem refuses it)
         self._dirs: dict[str, tuple[str, Path] | None] = {}  # address -> (node id, directory); None: not local
         self._fds: OrderedDict[tuple[str, int], _Files] = OrderedDict()
         self._retry_at: dict[str, float] = {}  # address -> when to ask a node that did not answer again
@@ -85,7 +99,7 @@ class LocalReads:
         return found
 
     async def read(self, address: str, node_id: str, extent_id: int, offset: int, length: int,
-                   index: int | None = None) -> bytes | None:
+                   index: int | None = None) -> bytes | bytearray | None:
         """Verified bytes of [offset, offset+length) of the sealed copy ``extent_id`` (the id
         the DataNode stores it under), or None: read it through the DataNode instead. With
         ``index`` (an EC fragment), the copy's record must name that index."""
@@ -109,7 +123,14 @@ class LocalReads:
             if got is None and key in self._fds:  # maybe a copy re-created since: reopen next time
                 _close(self._fds.pop(key))
         else:
-            got = await trio.to_thread.run_sync(_read_once, root, extent_id, offset, length, index)
+            # EC fragments (``index``) stay buffered: the decoder and pyeclib want bytes.
+            direct = self.direct and index is None
+            try:
+                got = await trio.to_thread.run_sync(_read_once, root, extent_id, offset, length, index, direct)
+            except _DirectRefused:
+                log.info("%s refuses O_DIRECT: short-circuit reads stay buffered", root)
+                self.direct = False
+                got = await trio.to_thread.run_sync(_read_once, root, extent_id, offset, length, index, False)
         if got is None:
             self.stats["local_fallbacks"] += 1
         else:
@@ -122,7 +143,11 @@ class LocalReads:
             _close(self._fds.popitem()[1])
 
 
-def _open(root: Path, extent_id: int) -> _Files:
+class _DirectRefused(Exception):
+    """The filesystem of a copy does not support O_DIRECT opens (EINVAL)."""
+
+
+def _open(root: Path, extent_id: int, direct: bool = False) -> _Files:
     base = root / "extents" / f"{extent_id:016x}"
     try:
         rec = json.loads(Path(f"{base}.meta").read_bytes())
@@ -132,7 +157,12 @@ def _open(root: Path, extent_id: int) -> _Files:
         raise OSError(f"extent record {base}.meta unreadable") from None
     if not sealed or version != META_FORMAT_VERSION:
         raise OSError(f"extent {extent_id:x} is not sealed here (or a record version we do not know)")
-    dat = os.open(f"{base}.dat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dat = os.open(f"{base}.dat", os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
+    except OSError as exc:
+        if direct and exc.errno == errno.EINVAL:
+            raise _DirectRefused from None
+        raise
     try:
         return dat, os.open(f"{base}.sum", os.O_RDONLY | os.O_CLOEXEC), index, length
     except OSError:
@@ -148,8 +178,10 @@ def _close(files: _Files) -> None:
             pass
 
 
-def _read(files: _Files, offset: int, length: int, index: int | None) -> bytes | None:
-    """Verified [offset, offset+length) from a sealed copy's data and checksum files."""
+def _read(files: _Files, offset: int, length: int, index: int | None,
+          direct: bool = False) -> bytes | bytearray | None:
+    """Verified [offset, offset+length) from a sealed copy's data and checksum files
+    (``direct``: the data descriptor was opened O_DIRECT)."""
     dat, ents, stored_index, sealed_length = files
     if index is not None and index != stored_index:
         return None  # through the DataNode, which names the index, so the reader refuses it
@@ -158,8 +190,11 @@ def _read(files: _Files, offset: int, length: int, index: int | None) -> bytes |
     start = offset - offset % BLOCK_BYTES
     first = start // BLOCK_BYTES
     count = -(-(offset + length - start) // BLOCK_BYTES)
-    data = os.pread(dat, min(count * BLOCK_BYTES, sealed_length - start), start)
+    want = min(count * BLOCK_BYTES, sealed_length - start)
     skip = offset - start
+    if direct:
+        return _read_direct(dat, ents, start, want, count, skip, length)
+    data = os.pread(dat, want, start)
     if len(data) < skip + length:
         return None
     try:
@@ -169,13 +204,45 @@ def _read(files: _Files, offset: int, length: int, index: int | None) -> bytes |
     return data[skip:skip + length] if (skip or len(data) != length) else data
 
 
-def _read_once(root: Path, extent_id: int, offset: int, length: int, index: int | None) -> bytes | None:
+def _read_direct(dat: int, ents: int, start: int, want: int, count: int, skip: int,
+                 length: int) -> bytes | bytearray | None:
+    """:func:`_read` through an O_DIRECT descriptor: whole aligned blocks into an aligned
+    window of a new bytearray, verified, and returned without a copy when the caller wants
+    exactly those bytes (a sequential reader does)."""
+    span = count * BLOCK_BYTES  # whole blocks: the last one may end past EOF (a short read)
+    buf = bytearray(span + _ALIGN)
+    window = (ctypes.c_char * len(buf)).from_buffer(buf)
+    pad = -ctypes.addressof(window) % _ALIGN
+    del window  # the export would keep buf from being resized below
+    with memoryview(buf) as whole, whole[pad:pad + span] as view:
+        got = os.preadv(dat, [view], start)
+        if min(got, want) < skip + length:
+            return None
+        with view[:min(got, want)] as data:
+            try:
+                verify_blocks(data, os.pread(ents, count * ENTRY_BYTES, start // BLOCK_BYTES * ENTRY_BYTES),
+                              start // BLOCK_BYTES)
+            except BlockError:
+                return None
+            if skip or len(data) != length:
+                return bytes(data[skip:skip + length])
+    del buf[:pad]  # a bytearray drops leading bytes by moving its start: no copy
+    del buf[length:]
+    return buf
+
+
+def _read_once(root: Path, extent_id: int, offset: int, length: int, index: int | None,
+               direct: bool = False) -> bytes | bytearray | None:
+    """One read in a worker thread; raises :class:`_DirectRefused` when ``direct`` cannot
+    be had on this filesystem."""
     try:
-        fds = _open(root, extent_id)
+        fds = _open(root, extent_id, direct)
+    except _DirectRefused:
+        raise
     except OSError:
         return None
     try:
-        return _read(fds, offset, length, index)
+        return _read(fds, offset, length, index, direct)
     except OSError:
         return None
     finally:

@@ -11,13 +11,19 @@ SQLite only: the namespace plays no part in how a copy is read.
 from __future__ import annotations
 
 import json
+import random
+import subprocess
 from pathlib import Path
 
+import pytest
 import trio
 from cluster import Cluster, db_rows, random_file, wait_for
 
 from appendfs.store.client import ClientConfig, StoreClient
 from appendfs.store.client.local import LocalReads
+from appendfs.store.codec.blocks import append_entries
+from appendfs.store.datanode.backend import ExtentMeta
+from appendfs.store.datanode.filebackend import FileBackend
 
 MiB = 1 << 20
 
@@ -114,3 +120,56 @@ def test_a_directory_is_used_only_if_its_stamp_names_the_node_and_cluster(tmp_pa
     async def missing() -> bytes | None:  # an extent this directory does not hold
         return await local.read("127.0.0.1:1", "n1", 7, 0, 4096)
     assert trio.run(missing) is None and stats["local_fallbacks"] == 1
+
+
+def _sealed_copy(root: Path, extent_id: int, data: bytes) -> None:
+    """A sealed copy in a DataNode-style directory, written through the `file` backend."""
+    (root / "node.json").write_text(json.dumps({"format_version": 1, "node_id": "n1", "cluster_id": "c1"}))
+    backend = FileBackend(root)
+    backend.create(ExtentMeta(extent_id, stream_id=1, epoch=1, index=0))
+    backend.write_data(extent_id, 0, data)
+    backend.write_checksums(extent_id, 0, append_entries(b"", data)[0])
+    backend.set_meta(ExtentMeta(extent_id, stream_id=1, epoch=1, index=0, state="sealed", sealed_length=len(data)))
+    backend.close()
+
+
+@pytest.fixture
+def ramfs(tmp_path: Path):
+    """A ramfs mount: a real filesystem that refuses O_DIRECT opens (EINVAL)."""
+    where = tmp_path / "ramfs"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "ramfs", "ramfs", str(where)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount ramfs here (needs root): the O_DIRECT fallback is not exercised")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_large_reads_use_o_direct_and_stay_buffered_where_the_filesystem_refuses_it(tmp_path: Path, ramfs: Path
+                                                                                    ) -> None:
+    data = random.Random(5).randbytes(300 * 1024 + 123)  # a partial last block
+    for root, direct_after in ((tmp_path / "dn", True), (ramfs / "dn", False)):
+        root.mkdir()
+        _sealed_copy(root, 9, data)
+        stats: dict[str, int] = {}
+        local = LocalReads("c1", inline_bytes=65536, stats=stats)
+        assert local.learn("127.0.0.1:1", "n1", str(root)) == root
+
+        async def reads(ranges: list[tuple[int, int]]) -> list[bytes | bytearray | None]:
+            return [await local.read("127.0.0.1:1", "n1", 9, off, n) for off, n in ranges]
+        # whole copy (returned without a copy), unaligned start, unaligned end, the short tail
+        ranges = [(0, len(data)), (1000, 200_000), (4096, 100_000 + 7), (len(data) - 70_000, 70_000)]
+        got = trio.run(reads, ranges)
+        assert got == [data[off:off + n] for off, n in ranges], root
+        assert local.direct is direct_after and stats["local_reads"] == 4 and stats.get("local_fallbacks") == 0
+
+        # A flipped byte: the direct read does not verify, so the caller goes to the DataNode.
+        dat = root / "extents" / f"{9:016x}.dat"
+        with open(dat, "r+b") as f:
+            f.seek(150_000)
+            b = f.read(1)
+            f.seek(150_000)
+            f.write(bytes([b[0] ^ 1]))
+        assert trio.run(reads, [(0, len(data)), (200_000, 100_000)]) == [None, data[200_000:300_000]]
+        assert stats["local_fallbacks"] == 1
