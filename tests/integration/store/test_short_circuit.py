@@ -156,11 +156,11 @@ def test_large_reads_use_o_direct_and_stay_buffered_where_the_filesystem_refuses
         local = LocalReads("c1", inline_bytes=65536, stats=stats)
         assert local.learn("127.0.0.1:1", "n1", str(root)) == root
 
-        async def reads(ranges: list[tuple[int, int]]) -> list[bytes | bytearray | None]:
+        async def reads(local: LocalReads, ranges: list[tuple[int, int]]) -> list[bytes | bytearray | None]:
             return [await local.read("127.0.0.1:1", "n1", 9, off, n) for off, n in ranges]
         # whole copy (returned without a copy), unaligned start, unaligned end, the short tail
         ranges = [(0, len(data)), (1000, 200_000), (4096, 100_000 + 7), (len(data) - 70_000, 70_000)]
-        got = trio.run(reads, ranges)
+        got = trio.run(reads, local, ranges)
         assert got == [data[off:off + n] for off, n in ranges], root
         assert local.direct is direct_after and stats["local_reads"] == 4 and stats.get("local_fallbacks") == 0
 
@@ -171,5 +171,5 @@ def test_large_reads_use_o_direct_and_stay_buffered_where_the_filesystem_refuses
             b = f.read(1)
             f.seek(150_000)
             f.write(bytes([b[0] ^ 1]))
-        assert trio.run(reads, [(0, len(data)), (200_000, 100_000)]) == [None, data[200_000:300_000]]
+        assert trio.run(reads, local, [(0, len(data)), (200_000, 100_000)]) == [None, data[200_000:300_000]]
         assert stats["local_fallbacks"] == 1
