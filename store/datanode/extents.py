@@ -130,8 +130,16 @@ class ExtentStore:
             if meta.state == "sealed":
                 self._extents[extent_id] = _Extent(meta, meta.sealed_length, meta.sealed_length, meta.sealed_length)
                 continue
-            length = self._recover_open(extent_id)
-            ext = _Extent(meta, length, length, length, tail=self._read_tail(extent_id, length), recovering=True)
+            try:
+                length = self._recover_open(extent_id)
+                tail = self._read_tail(extent_id, length)
+            except (BackendError, OSError) as exc:
+                # A record whose files are gone or unreadable: this node does not hold the
+                # extent (the MetaNode counts the copy missing and repairs it); the node
+                # itself must still start and serve every other extent.
+                log.error("skipping open extent %d: its record is here but its data is not: %s", extent_id, exc)
+                continue
+            ext = _Extent(meta, length, length, length, tail=tail, recovering=True)
             self._extents[extent_id] = ext
             recovering.append(extent_id)
             log.info("extent %d was open at restart: recovered %d bytes, awaiting reconcile", extent_id, length)

@@ -43,9 +43,15 @@ class Node:
         self.secret = secret
         self.metanode = metanode
         self.scope: trio.CancelScope | None = None
+        self.gone = trio.Event()  # set once the last instance stopped, its worker threads included
+        self.gone.set()
         self.kills = 0
 
     async def start(self, nursery: trio.Nursery) -> None:
+        # Like a process after kill -9, the old instance must be gone entirely: its worker
+        # threads (a create, a commit) finish before trio lets its task end, and one still
+        # running would write into the directory the new instance is recovering.
+        await self.gone.wait()
         auth = read_secret_file(self.secret)
         ident = claim_data_dir(self.root, auth.cluster_id)
         store = ExtentStore(FileBackend(self.root), reserve_bytes=0)
@@ -55,10 +61,14 @@ class Node:
         node = DataNode(cfg, auth, ident, store)
         scope = trio.CancelScope()
         self.scope = scope
+        gone = self.gone = trio.Event()
 
         async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await node.run(task_status=task_status)  # serves until killed
+            try:
+                with scope:
+                    await node.run(task_status=task_status)  # serves until killed
+            finally:
+                gone.set()
         await nursery.start(run)
 
     def kill(self) -> None:

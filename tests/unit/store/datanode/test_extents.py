@@ -523,6 +523,24 @@ async def test_recover_sweeps_orphan_files(device: Path, backends: list[FileBack
     assert [s["extent_id"] for s in store.all_extents()] == [EXT]
 
 
+async def test_an_open_extent_whose_data_file_is_gone_is_skipped_at_recovery(
+        device: Path, backends: list[FileBackend], caplog: pytest.LogCaptureFixture) -> None:
+    # A record without its data (a file deleted by hand, a create interrupted between its
+    # files and its record by a process whose threads outlived it): the node still starts.
+    whole = await crashed_extent(device, backends, SIZES)
+    store = open_store(device, backends)
+    store.recover()
+    async with serving(store):
+        await store.create(meta(EXT + 1))
+    (gone,) = device.rglob(f"{EXT + 1:016x}.dat")
+    gone.unlink()
+    again = open_store(device, backends)
+    assert again.recover() == [EXT]
+    assert [s["extent_id"] for s in again.all_extents()] == [EXT]
+    assert f"skipping open extent {EXT + 1}" in caplog.text
+    await assert_recovers(device, backends, whole)
+
+
 async def test_read_with_an_older_placement_epoch_is_refused(tmp_path):
     """A client holding an outdated extent map is told to refresh it (stale_epoch)."""
     backend = FileBackend(tmp_path)
