@@ -102,9 +102,10 @@ async def get_to(meta_url: str, cfg: ClientConfig, loc: Locator, out: BinaryIO) 
         raise BadLocator(f"content read ({done} bytes) does not match the locator's xxh3: wrong or damaged locator")
 
 
-async def fetch_status(meta_url: str) -> dict[str, Any]:
-    async with StoreClient.connect(meta_url, ClientConfig(leader_wait_s=10.0)) as client:
-        status = await client.meta.call("status", {}, wait_s=10.0)
+async def fetch_status(meta_url: str, wait_s: float = 10.0) -> dict[str, Any]:
+    """The leading MetaNode's status; waits up to ``wait_s`` for a leader."""
+    async with StoreClient.connect(meta_url, ClientConfig(leader_wait_s=wait_s)) as client:
+        status = await client.meta.call("status", {}, wait_s=wait_s)
     try:
         choice = choose_backend(4, 2)
         status["ec_backend_here"] = f"{choice.name} — {choice.reason}"

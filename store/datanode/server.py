@@ -153,6 +153,10 @@ class DataNode:
                 "recovering": [[i, n] for i, n in self.store.recovering()]}
 
     async def _heartbeats(self) -> None:
+        # Until the first heartbeat lands (a MetaNode starting beside us, still electing its
+        # leader), retry soon: 50 ms, doubling up to the interval. A node is usable only
+        # once registered, and a cluster start should not wait out a whole interval for it.
+        retry = 0.05
         async with ChannelPool(self.auth, connect_timeout_s=2.0) as pool:
             while True:
                 try:
@@ -161,7 +165,11 @@ class DataNode:
                     await self._apply(result.get("reconcile", []))
                 except (ConnectionLost, RpcError, trio.TooSlowError) as exc:
                     log.warning("heartbeat failed: %s", exc)
-                await trio.sleep(self.cfg.heartbeat_interval_s)
+                if self.registered.is_set():
+                    await trio.sleep(self.cfg.heartbeat_interval_s)
+                else:
+                    await trio.sleep(min(retry, self.cfg.heartbeat_interval_s))
+                    retry *= 2
 
     async def _call_leader(self, pool: ChannelPool, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Call the leading MetaNode: try the configured addresses in turn, follow redirects."""
