@@ -37,7 +37,13 @@ def _free_port() -> int:
 
 
 class ThrowawayPostgres:
-    def __init__(self) -> None:
+    """``durable=False`` runs the server with ``fsync=off``: commits still happen, in the
+    same order, and survive anything but a crash of this machine's kernel — which no test
+    causes (outage tests stop and start the server, or pause it). The test suite uses it;
+    benchmarks keep the default, a server as durable as a production one."""
+
+    def __init__(self, *, durable: bool = True) -> None:
+        self.durable = durable
         self.bindir = _pg_bindir()
         self.dir = tempfile.mkdtemp(prefix="appendfs-pg-")
         self.port = _free_port()
@@ -57,7 +63,7 @@ class ThrowawayPostgres:
         self._run_as_owner([f"{self.bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"])
         argv = [f"{self.bindir}/postgres", "-D", data, "-p", str(self.port), "-h", "127.0.0.1",
                 "-k", self.dir, "-c", "max_connections=300", "-c", "shared_buffers=256MB",
-                "-c", "fsync=on", "-c", "synchronous_commit=on"]
+                "-c", f"fsync={'on' if self.durable else 'off'}", "-c", "synchronous_commit=on"]
         if self._as_root:
             argv = ["runuser", "-u", "postgres", "--", *argv]
         self.log = open(os.path.join(self.dir, "postgres.log"), "wb")  # noqa: SIM115 - closed in stop()
@@ -141,13 +147,13 @@ def drop_database(admin_url: str, url: str) -> None:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[tuple[str, ThrowawayPostgres | None]]:
+def postgres_server(*, durable: bool = True) -> Iterator[tuple[str, ThrowawayPostgres | None]]:
     """Yield (admin URL, the throwaway server or None when APPENDFS_TEST_PG is given)."""
     given = os.environ.get("APPENDFS_TEST_PG")
     if given:
         yield given, None
         return
-    server = ThrowawayPostgres()
+    server = ThrowawayPostgres(durable=durable)
     try:
         yield server.start(), server
     finally:
