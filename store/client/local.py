@@ -195,13 +195,18 @@ def _read(files: _Files, offset: int, length: int, index: int | None,
     if direct:
         return _read_direct(dat, ents, start, want, count, skip, length)
     data = os.pread(dat, want, start)
-    if len(data) < skip + length:
+    if len(data) < skip + length or not _verifies(data, ents, first, count):
         return None
+    return data[skip:skip + length] if (skip or len(data) != length) else data
+
+
+def _verifies(data: bytes | memoryview, ents: int, first: int, count: int) -> bool:
+    """Whether ``data`` (blocks ``first``.. of a copy) matches the copy's checksum entries."""
     try:
         verify_blocks(data, os.pread(ents, count * ENTRY_BYTES, first * ENTRY_BYTES), first)
     except BlockError:
-        return None
-    return data[skip:skip + length] if (skip or len(data) != length) else data
+        return False
+    return True
 
 
 def _read_direct(dat: int, ents: int, start: int, want: int, count: int, skip: int,
@@ -219,10 +224,7 @@ def _read_direct(dat: int, ents: int, start: int, want: int, count: int, skip: i
         if min(got, want) < skip + length:
             return None
         with view[:min(got, want)] as data:
-            try:
-                verify_blocks(data, os.pread(ents, count * ENTRY_BYTES, start // BLOCK_BYTES * ENTRY_BYTES),
-                              start // BLOCK_BYTES)
-            except BlockError:
+            if not _verifies(data, ents, start // BLOCK_BYTES, count):
                 return None
             if skip or len(data) != length:
                 return bytes(data[skip:skip + length])
@@ -237,9 +239,7 @@ def _read_once(root: Path, extent_id: int, offset: int, length: int, index: int 
     be had on this filesystem."""
     try:
         fds = _open(root, extent_id, direct)
-    except _DirectRefused:
-        raise
-    except OSError:
+    except OSError:  # (not _DirectRefused: it goes to the caller)
         return None
     try:
         return _read(fds, offset, length, index, direct)
