@@ -55,6 +55,10 @@ class BackendError(Exception):
     """A backend operation failed (I/O error, missing extent)."""
 
 
+class ExtentMissing(BackendError):
+    """The extent, or one of its regions, does not exist on this device."""
+
+
 class Backend(abc.ABC):
     """Raw per-extent storage on one device."""
 

@@ -30,7 +30,7 @@ import trio
 
 from appendfs.store.codec import BLOCK_BYTES, ENTRY_BYTES, checksum
 from appendfs.store.codec.blocks import append_entries, encode_entry, recover_length
-from appendfs.store.datanode.backend import Backend, BackendError, ExtentMeta
+from appendfs.store.datanode.backend import Backend, BackendError, ExtentMeta, ExtentMissing
 
 log = logging.getLogger(__name__)
 _RECOVER_CHUNK = 4 * 1024 * 1024
@@ -133,6 +133,17 @@ class ExtentStore:
             try:
                 length = self._recover_open(extent_id)
                 tail = self._read_tail(extent_id, length)
+            except ExtentMissing as exc:
+                # Its data file is gone (deleted by hand, a create interrupted between its
+                # files and its record): this node does not hold the extent and never will
+                # again. Drop the record too, or every start would log it anew; the MetaNode
+                # already counts this copy missing. (An unreadable file is kept: below.)
+                log.warning("open extent %d has a record but no data (%s): removing the record", extent_id, exc)
+                try:
+                    self.backend.delete(extent_id)
+                except (BackendError, OSError) as again:
+                    log.error("removing the record of extent %d: %s", extent_id, again)
+                continue
             except (BackendError, OSError) as exc:
                 # A record whose files are gone or unreadable: this node does not hold the
                 # extent (the MetaNode counts the copy missing and repairs it); the node

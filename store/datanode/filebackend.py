@@ -44,6 +44,7 @@ from appendfs.store.datanode.backend import (
     Backend,
     BackendError,
     ExtentMeta,
+    ExtentMissing,
     Usage,
 )
 
@@ -98,7 +99,7 @@ class FileBackend(Backend):
         try:
             fd = os.open(self._path(extent_id, "dat" if suffix == "dio" else suffix), flags)
         except FileNotFoundError:
-            raise BackendError(f"extent {extent_id} not found") from None
+            raise ExtentMissing(f"extent {extent_id} not found") from None
         with self._lock:
             other = self._fds.get(key)
             if other is not None:
@@ -349,7 +350,7 @@ class FileBackend(Backend):
             with open(self._path(extent_id, "meta")) as f:
                 raw = json.load(f)
         except FileNotFoundError:
-            raise BackendError(f"extent {extent_id} not found") from None
+            raise ExtentMissing(f"extent {extent_id} not found") from None
         except (ValueError, OSError) as exc:
             raise BackendError(f"extent {extent_id}: unreadable record: {exc}") from None
         version = raw.get("version") if isinstance(raw, dict) else None

@@ -537,8 +537,38 @@ async def test_an_open_extent_whose_data_file_is_gone_is_skipped_at_recovery(
     again = open_store(device, backends)
     assert again.recover() == [EXT]
     assert [s["extent_id"] for s in again.all_extents()] == [EXT]
-    assert f"skipping open extent {EXT + 1}" in caplog.text
+    assert f"open extent {EXT + 1} has a record but no data" in caplog.text
+    # The record and the checksum file went with it: the next start does not see it again.
+    assert not list(device.rglob(f"{EXT + 1:016x}.*"))
+    caplog.clear()
+    third = open_store(device, backends)
+    assert third.recover() == [EXT]
+    assert f"extent {EXT + 1}" not in caplog.text
     await assert_recovers(device, backends, whole)
+
+
+async def test_an_open_extent_whose_data_is_unreadable_is_skipped_and_kept(
+        device: Path, backends: list[FileBackend], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An I/O error is not absence: the files stay for the operator, the node still starts.
+    whole = await crashed_extent(device, backends, SIZES)
+    store = open_store(device, backends)
+    store.recover()
+    async with serving(store):
+        await store.create(meta(EXT + 1))
+    again = open_store(device, backends)
+    real = again.backend.data_size
+
+    def failing(extent_id: int) -> int:
+        if extent_id == EXT + 1:
+            raise OSError(5, "Input/output error")
+        return real(extent_id)
+    monkeypatch.setattr(again.backend, "data_size", failing)
+    assert again.recover() == [EXT]
+    assert f"skipping open extent {EXT + 1}" in caplog.text
+    assert [s["extent_id"] for s in again.all_extents()] == [EXT]
+    assert again.recovering() == [(EXT, len(whole))]
+    assert list(device.rglob(f"{EXT + 1:016x}.*"))  # nothing removed
 
 
 async def test_read_with_an_older_placement_epoch_is_refused(tmp_path):
