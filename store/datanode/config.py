@@ -35,7 +35,7 @@ class DataNodeConfig:
     inline_write_bytes: int = option(64 << 10, "appends up to this size are written on the event loop when the "
                                                "device's write lane is idle (saves a thread hand-off; 0: never)",
                                      non_negative)
-    inline_commit_s: float = option(0.001, "a group commit of at most inline_write_bytes runs its fdatasyncs on the "
+    inline_commit_s: float = option(0.005, "a group commit of at most inline_write_bytes runs its fdatasyncs on the "
                                            "event loop while commits average less than this (saves a thread "
                                            "hand-off; 0: never)", non_negative)
     capacity_bytes: int | None = option(None, "cap the device below the filesystem size (bytes)", positive)

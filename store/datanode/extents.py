@@ -77,12 +77,16 @@ class ExtentStore:
 
     def __init__(self, backend: Backend, *, high_water: float = 0.95, reserve_bytes: int = 64 << 20,
                  read_threads: int = 4, commit_bytes: int = 8 << 20, commit_wait_s: float = 0.005,
-                 inline_write_bytes: int = 64 << 10, inline_commit_s: float = 0.001) -> None:
+                 inline_write_bytes: int = 64 << 10, inline_commit_s: float = 0.005) -> None:
         self.backend = backend
         self.inline_write_bytes = inline_write_bytes
         # A small group commit runs on the event loop while commits stay this fast on average
         # (_commit_avg_s): a thread hand-off and back costs more here than two fdatasyncs of
         # a few KiB (~0.3 ms on this machine's disk, against ~1 ms per 4 KiB append in all).
+        # 5 ms, not 1: with three DataNodes on one disk a small commit takes 1-2 ms, and
+        # sending those to a thread cost each DataNode ~0.2 ms of CPU per append more
+        # (about 20% of its CPU) while the host was CPU-bound (docs/benchmarks.md,
+        # session 11). A device slower than that (a disk's flush) still goes to the thread.
         self.inline_commit_s = inline_commit_s
         self._commit_avg_s = 0.0
         # Appends between entering the write lane and recording their entries. The lane's
