@@ -569,6 +569,15 @@ async def test_an_open_extent_whose_data_is_unreadable_is_skipped_and_kept(
     assert [s["extent_id"] for s in again.all_extents()] == [EXT]
     assert again.recovering() == [(EXT, len(whole))]
     assert list(device.rglob(f"{EXT + 1:016x}.*"))  # nothing removed
+    monkeypatch.undo()
+    # Data without its checksum file cannot be verified, but it is not absent either: kept.
+    (sums,) = device.rglob(f"{EXT + 1:016x}.sum")
+    sums.unlink()
+    caplog.clear()
+    third = open_store(device, backends)
+    assert third.recover() == [EXT]
+    assert f"skipping open extent {EXT + 1}" in caplog.text
+    assert list(device.rglob(f"{EXT + 1:016x}.dat"))
 
 
 async def test_read_with_an_older_placement_epoch_is_refused(tmp_path):
