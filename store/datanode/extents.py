@@ -35,6 +35,10 @@ from appendfs.store.datanode.backend import Backend, BackendError, ExtentMeta, E
 log = logging.getLogger(__name__)
 _RECOVER_CHUNK = 4 * 1024 * 1024
 _INLINE_READ_BYTES = 128 * 1024  # reads up to this size try the page cache on the event loop
+# The free-space check of an append asks the backend (a statvfs) at most this often while
+# the device has more than _FREE_MARGIN free beyond the append; nearer full, every time.
+_FREE_CHECK_S = 0.1
+_FREE_MARGIN = 256 << 20
 
 
 class ExtentError(Exception):
@@ -97,6 +101,9 @@ class ExtentStore:
         self.commit_bytes = commit_bytes
         self.commit_wait_s = commit_wait_s
         self._batch_bytes = 0  # bytes written since the last batch was taken
+        self._free_bytes = 0  # the device's free bytes at the last check (_room_for)
+        self._free_checked = float("-inf")
+        self._appended_since_check = 0
         self._wrote = trio.Event()  # set whenever a write completes
         self.high_water = high_water
         self.reserve_bytes = reserve_bytes
@@ -310,7 +317,7 @@ class ExtentStore:
         if checksum(data) != digest:
             self.stats["checksum_rejects"] += 1
             raise ExtentError("checksum", f"payload of {len(data)} bytes does not match its xxh3")
-        if self.backend.usage().free_bytes < len(data):
+        if not self._room_for(len(data)):
             raise ExtentError("no_space", "device has no space left for this append")
         first_block = offset // BLOCK_BYTES
         entries, ext.tail = append_entries(ext.tail, data)
@@ -344,6 +351,23 @@ class ExtentStore:
         self.stats["appends"] += 1
         self.stats["append_bytes"] += len(data)
         return end
+
+    def _room_for(self, n: int) -> bool:
+        """Whether ``n`` more bytes fit on the device. Far from full the answer comes from
+        the last check minus what was appended since (a statvfs per append was ~6% of a
+        DataNode's CPU on 4 KiB appends); within _FREE_MARGIN of full, and for every
+        refusal, from a fresh check. Other writers of the same filesystem are caught by
+        the next check; a write that still finds no space fails as an I/O error."""
+        now = trio.current_time()
+        if now - self._free_checked > _FREE_CHECK_S or \
+                self._free_bytes - self._appended_since_check < n + _FREE_MARGIN:
+            self._free_bytes = self.backend.usage().free_bytes
+            self._free_checked = now
+            self._appended_since_check = 0
+        if self._free_bytes - self._appended_since_check < n:
+            return False
+        self._appended_since_check += n
+        return True
 
     def _timed_write(self, extent_id: int, offset: int, data: bytes) -> None:
         t0 = time.perf_counter()

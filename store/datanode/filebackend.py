@@ -32,8 +32,6 @@ import mmap
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +59,23 @@ class _Fd:
     fd: int
     refs: int = 0
     retired: bool = False
+
+
+class _Use:
+    """``with backend._using(...) as fd``: a plain class, not ``@contextmanager`` — the
+    generator machinery cost ~6% of a DataNode's CPU per small append (four uses each)."""
+
+    __slots__ = ("_backend", "_h")
+
+    def __init__(self, backend: FileBackend, h: _Fd) -> None:
+        self._backend = backend
+        self._h = h
+
+    def __enter__(self) -> int:
+        return self._h.fd
+
+    def __exit__(self, *exc: object) -> None:
+        self._backend._release(self._h)
 
 
 class FileBackend(Backend):
@@ -126,16 +141,12 @@ class FileBackend(Backend):
         if h.refs == 0:
             os.close(h.fd)
 
-    @contextmanager
-    def _using(self, extent_id: int, suffix: str) -> Iterator[int]:
-        """A descriptor of one file of an extent, valid for the block (``dio``: the data
-        file opened O_DIRECT)."""
+    def _using(self, extent_id: int, suffix: str) -> _Use:
+        """A descriptor of one file of an extent, valid for the ``with`` block (``dio``: the
+        data file opened O_DIRECT)."""
         h = self._acquire(extent_id, suffix)
         assert h is not None
-        try:
-            yield h.fd
-        finally:
-            self._release(h)
+        return _Use(self, h)
 
     def _forget(self, extent_id: int) -> None:
         with self._lock:
