@@ -141,30 +141,19 @@ class ExtentStore:
             if meta.state == "sealed":
                 self._extents[extent_id] = _Extent(meta, meta.sealed_length, meta.sealed_length, meta.sealed_length)
                 continue
+            size: int | None = None
             try:
                 size = self.backend.data_size(extent_id)
-            except ExtentMissing as exc:
-                # Its data region is gone (a file deleted by hand, a create interrupted
-                # between its files and its record): this node does not hold the extent and
-                # never will again. Drop the record too, or every start would log it anew;
-                # the MetaNode already counts this copy missing. Anything else that fails
-                # (an I/O error, a missing checksum file next to data) is kept: below.
-                log.warning("open extent %d has a record but no data (%s): removing the record", extent_id, exc)
-                try:
-                    self.backend.delete(extent_id)
-                except (BackendError, OSError) as again:
-                    log.error("removing the record of extent %d: %s", extent_id, again)
-                continue
-            except (BackendError, OSError):
-                size = None  # _recover_open asks again and reports it below
-            try:
                 length = self._recover_open(extent_id, size)
                 tail = self._read_tail(extent_id, length)
             except (BackendError, OSError) as exc:
-                # A record whose files are gone or unreadable: this node does not hold the
-                # extent (the MetaNode counts the copy missing and repairs it); the node
-                # itself must still start and serve every other extent.
-                log.error("skipping open extent %d: its record is here but its data is not: %s", extent_id, exc)
+                if size is None and isinstance(exc, ExtentMissing):
+                    self._drop_record(extent_id, exc)
+                else:
+                    # Unreadable data (an I/O error, a checksum file missing next to the
+                    # data): not served, kept for the operator; the node itself must still
+                    # start and serve every other extent (the MetaNode repairs the copy).
+                    log.error("skipping open extent %d: its record is here but its data is not: %s", extent_id, exc)
                 continue
             ext = _Extent(meta, length, length, length, tail=tail, recovering=True)
             self._extents[extent_id] = ext
@@ -172,9 +161,18 @@ class ExtentStore:
             log.info("extent %d was open at restart: recovered %d bytes, awaiting reconcile", extent_id, length)
         return recovering
 
-    def _recover_open(self, extent_id: int, size: int | None = None) -> int:
-        if size is None:
-            size = self.backend.data_size(extent_id)
+    def _drop_record(self, extent_id: int, exc: BaseException) -> None:
+        """An open extent's data region is gone (a file deleted by hand, a create interrupted
+        between its files and its record): this node does not hold it and never will again.
+        Its record goes too, or every start would log it anew; the MetaNode already counts
+        this copy missing."""
+        log.warning("open extent %d has a record but no data (%s): removing the record", extent_id, exc)
+        try:
+            self.backend.delete(extent_id)
+        except (BackendError, OSError) as again:
+            log.error("removing the record of extent %d: %s", extent_id, again)
+
+    def _recover_open(self, extent_id: int, size: int) -> int:
         length = 0
         while length < size:
             chunk = self.backend.read_data(extent_id, length, _RECOVER_CHUNK)
