@@ -812,10 +812,12 @@ class FileSystem:
             w.abandon()
 
     def read_range(self, segments: list[Segment], start: int, end: int) -> AbstractAsyncContextManager[RangeReader]:
-        """Stream ``[start, end)`` of resolved ``segments`` with the readahead window of a
-        sequential reader (block-sized pieces, ``readahead_parallel`` in flight)."""
-        return read_range(self.client, segments, start, end, piece_bytes=self.cfg.block_bytes,
-                          window=self.cfg.readahead_parallel)
+        """Stream ``[start, end)`` of resolved ``segments`` in block-sized pieces, at most
+        ``readahead_parallel`` in flight and ``readahead_bytes`` held (the reader keeps twice
+        its window of pieces), so each concurrent S3 GET holds a bounded buffer."""
+        cfg = self.cfg
+        window = max(1, min(cfg.readahead_parallel, cfg.readahead_bytes // (2 * cfg.block_bytes)))
+        return read_range(self.client, segments, start, end, piece_bytes=cfg.block_bytes, window=window)
 
     # ---- statfs ---------------------------------------------------------------------
 
