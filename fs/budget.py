@@ -100,6 +100,16 @@ class BlockCache:
             _, (_, dropped) = self._entries.popitem(last=False)
             self.used_bytes -= len(dropped)
 
+    def done_with(self, extent_id: int, block: int) -> None:
+        """A sequential reader has read to the end of this block: make it the first to go
+        (drop-behind). Least-recently-used order alone would evict the blocks readahead
+        fetched *earliest* — the next ones the reader needs — once several readers'
+        windows together approach the capacity, while consumed blocks (which the kernel's
+        page cache holds for re-reads anyway) stayed."""
+        key = (extent_id, block)
+        if key in self._entries:
+            self._entries.move_to_end(key, last=False)
+
     def clear(self) -> None:
         self._entries.clear()
         self.used_bytes = 0

@@ -713,6 +713,8 @@ class FileSystem:
             data = self.cache.get(p.extent_id, pos, hi)
             if data is None:
                 data = await self._fetch_block(p.extent_id, block, pos, hi, lo_ext, hi_ext)
+            if hi == (block + 1) * bb:  # read to the block's end: drop-behind (BlockCache.done_with)
+                self.cache.done_with(p.extent_id, block)
             parts.append(data)
             pos = hi
         return parts[0] if len(parts) == 1 else b"".join(parts)
