@@ -8,8 +8,8 @@ the order ``send()`` is called, which is what keeps appends to one extent in ord
 Channels live in a :class:`ChannelPool` whose nursery owns their reader tasks.
 
 Server side: :func:`serve` accepts connections, runs the handshake under a deadline and
-then reads requests. Each request runs as a task started with ``nursery.start``: the
-handler calls ``task_status.started()`` once its *ordered* part is done (an append has
+then reads requests. Each request runs as a task of its own: the handler calls
+``started.started()`` (:class:`Started`) once its *ordered* part is done (an append has
 been written at its offset), and only then is the next request of that connection read.
 So appends on one connection are applied in order, while their durability waits and
 replies overlap. Any protocol violation closes that connection with one log line and
