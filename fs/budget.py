@@ -73,8 +73,10 @@ class BlockCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, extent_id: int, lo: int, hi: int) -> bytes | bytearray | None:
-        """Bytes ``[lo, hi)`` of the extent if one cached entry holds them all."""
+    def get(self, extent_id: int, lo: int, hi: int) -> memoryview | None:
+        """Bytes ``[lo, hi)`` of the extent if one cached entry holds them all, as a view
+        into the entry: no copy (a 1 MiB slice copied per FUSE read was ~10% of the
+        mount's CPU in a cold sequential read). Entries are never modified in place."""
         key = (extent_id, lo // self.block_bytes)
         entry = self._entries.get(key)
         if entry is None or entry[0] > lo or entry[0] + len(entry[1]) < hi:
@@ -83,7 +85,7 @@ class BlockCache:
         self._entries.move_to_end(key)
         self.hits += 1
         start = lo - entry[0]
-        return entry[1][start:start + hi - lo]
+        return memoryview(entry[1])[start:start + hi - lo]
 
     def put(self, extent_id: int, lo: int, data: bytes | bytearray) -> None:
         if len(data) > self.capacity_bytes:

@@ -674,7 +674,7 @@ class FileSystem:
                 of.segmap = m
         return m
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         h = self.handle(fh)
         of = h.of
         chunks = of.pending_chunks()  # before the slice map: see the module docstring
@@ -699,12 +699,12 @@ class FileSystem:
         overlay(buf, off, chunks)
         return bytes(buf)
 
-    async def _read_segment(self, m: SegmentMap, p: Segment, sequential: bool) -> bytes | bytearray:
+    async def _read_segment(self, m: SegmentMap, p: Segment, sequential: bool) -> bytes | bytearray | memoryview:
         assert p.extent_id is not None
         if not sequential:
             return await self.client.read(p.extent_id, p.ext_off, p.length)
         lo_ext, hi_ext = self._extent_span(m, p)
-        parts = []
+        parts: list[bytes | bytearray | memoryview] = []
         bb = self.cache.block_bytes
         pos, stop = p.ext_off, p.ext_off + p.length
         while pos < stop:
@@ -728,14 +728,14 @@ class FileSystem:
         return whole.ext_off, whole.ext_off + whole.length
 
     async def _fetch_block(self, extent_id: int, block: int, need_lo: int, need_hi: int,
-                           span_lo: int, span_hi: int) -> bytes | bytearray:
+                           span_lo: int, span_hi: int) -> memoryview:
         key = (extent_id, block)
         bb = self.cache.block_bytes
         f = self.cache.inflight.get(key)
         if f is not None:
             await f.done.wait()
             if f.error is None and f.lo <= need_lo and f.lo + len(f.data) >= need_hi:
-                return f.data[need_lo - f.lo:need_hi - f.lo]
+                return memoryview(f.data)[need_lo - f.lo:need_hi - f.lo]
         lo, hi = max(block * bb, span_lo, 0), min((block + 1) * bb, span_hi)
         lo, hi = min(lo, need_lo), max(hi, need_hi)
         f = _Fetch(lo=lo)
@@ -750,7 +750,7 @@ class FileSystem:
             f.done.set()
             if self.cache.inflight.get(key) is f:
                 del self.cache.inflight[key]
-        return f.data[need_lo - lo:need_hi - lo]
+        return memoryview(f.data)[need_lo - lo:need_hi - lo]
 
     def _readahead(self, h: Handle, m: SegmentMap, end: int) -> None:
         """Start block reads for the next window of a sequential reader (in the background)."""

@@ -347,7 +347,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh), self._entry(attr)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]  # pyfuse3 takes any buffer
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]  # pyfuse3 takes any buffer
         return await self.fs.read(fh, off, size)
 
     @fuse_errors
