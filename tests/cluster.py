@@ -261,6 +261,19 @@ def random_file(path: Path, size: int, seed: int) -> Path:
     return path
 
 
+def scrape(port: int) -> dict[str, float]:
+    """A daemon's Prometheus metrics on 127.0.0.1:``port``, by sample name."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def files_equal(a: Path, b: Path) -> bool:
     if a.stat().st_size != b.stat().st_size:
         return False

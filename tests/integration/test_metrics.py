@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
-from cluster import free_port, random_file, wait_for
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+from cluster import free_port, random_file, scrape, wait_for
 
 
 def test_datanode_and_metanode_metrics(sqlite_url: str, make_cluster, tmp_path: Path) -> None:
