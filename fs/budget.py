@@ -69,6 +69,8 @@ class BlockCache:
         self.block_bytes = block_bytes
         self.used_bytes = 0
         self._entries: OrderedDict[tuple[int, int], tuple[int, bytes | bytearray]] = OrderedDict()
+        self._unread: set[tuple[int, int]] = set()  # entries no reader has read to their end yet
+        self.unread_bytes = 0
         self.inflight: dict[tuple[int, int], _Fetch] = {}
         self.hits = 0
         self.misses = 0
@@ -91,16 +93,24 @@ class BlockCache:
         if len(data) > self.capacity_bytes:
             return
         key = (extent_id, lo // self.block_bytes)
+        old = self._drop(key)
+        if old is not None and old[0] <= lo and old[0] + len(old[1]) >= lo + len(data):
+            data, lo = old[1], old[0]  # keep the wider entry
+        self._entries[key] = (lo, data)
+        self.used_bytes += len(data)
+        self._unread.add(key)
+        self.unread_bytes += len(data)
+        while self.used_bytes > self.capacity_bytes and self._entries:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple[int, int]) -> tuple[int, bytes | bytearray] | None:
         old = self._entries.pop(key, None)
         if old is not None:
             self.used_bytes -= len(old[1])
-            if old[0] <= lo and old[0] + len(old[1]) >= lo + len(data):
-                data, lo = old[1], old[0]  # keep the wider entry
-        self._entries[key] = (lo, data)
-        self.used_bytes += len(data)
-        while self.used_bytes > self.capacity_bytes and self._entries:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self.used_bytes -= len(dropped)
+            if key in self._unread:
+                self._unread.discard(key)
+                self.unread_bytes -= len(old[1])
+        return old
 
     def done_with(self, extent_id: int, block: int) -> None:
         """A sequential reader has read to the end of this block: make it the first to go
@@ -111,7 +121,19 @@ class BlockCache:
         key = (extent_id, block)
         if key in self._entries:
             self._entries.move_to_end(key, last=False)
+            if key in self._unread:
+                self._unread.discard(key)
+                self.unread_bytes -= len(self._entries[key][1])
+
+    def readahead_room(self) -> int:
+        """Bytes readahead may still fetch without evicting blocks fetched for readers
+        that have not read them yet (what it fetched earliest: the next ones needed), one
+        block kept free for a reader's own fetch. Several readers share the cache this way
+        instead of each assuming a whole window of it."""
+        in_flight = len(self.inflight) * self.block_bytes
+        return self.capacity_bytes - self.unread_bytes - in_flight - self.block_bytes
 
     def clear(self) -> None:
         self._entries.clear()
-        self.used_bytes = 0
+        self._unread.clear()
+        self.used_bytes = self.unread_bytes = 0

@@ -781,10 +781,10 @@ class FileSystem:
         if self.cache.capacity_bytes < 2 * self.cache.block_bytes:
             return
         h.window = min(self.cfg.readahead_bytes, max(2 * self.cache.block_bytes, h.window * 2))
-        target = min(m.size, end + h.window)
         start = max(h.ra_next, end)
+        target = min(m.size, end + h.window, start + self.cache.readahead_room())
         if start >= target:
-            return
+            return  # (not ra_next: a later read issues the rest once there is room)
         h.ra_next = target
         bb = self.cache.block_bytes
         for p in m.covering(start, target):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from appendfs.fs.budget import BlockCache, ByteBudget
+from appendfs.fs.budget import BlockCache, ByteBudget, _Fetch
 
 
 async def test_a_take_cancelled_before_it_returns_holds_nothing() -> None:
@@ -51,3 +51,30 @@ def test_a_block_read_to_its_end_is_evicted_before_prefetched_ones() -> None:
     cache.put(7, 4 * 4096, b"\x04" * 4096)
     assert cache.get(7, 0, 4096) is None
     assert all(cache.get(7, b * 4096, (b + 1) * 4096) == bytes([b]) * 4096 for b in (1, 2, 3, 4))
+
+
+def test_readahead_room_counts_unread_and_in_flight_blocks() -> None:
+    """Readahead may fill the cache only with what no reader is waiting to read: unread
+    blocks and blocks in flight take room, a block read to its end gives it back, and an
+    evicted unread block stops counting."""
+    bb = 4096
+    cache = BlockCache(capacity_bytes=4 * bb, block_bytes=bb)
+    assert cache.readahead_room() == 3 * bb  # one block kept for a reader's own fetch
+    cache.put(7, 0, b"\x00" * bb)
+    cache.put(7, bb, b"\x01" * bb)
+    assert cache.unread_bytes == 2 * bb and cache.readahead_room() == bb
+    cache.inflight[(7, 2)] = _Fetch()
+    assert cache.readahead_room() == 0
+    del cache.inflight[(7, 2)]
+    cache.done_with(7, 0)
+    cache.done_with(7, 0)  # twice: counted once
+    assert cache.unread_bytes == bb and cache.readahead_room() == 2 * bb
+    for block in (2, 3, 4):  # block 0 (read) is evicted by the last one
+        cache.put(7, block * bb, bytes([block]) * bb)
+    assert cache.get(7, 0, bb) is None and cache.unread_bytes == 4 * bb
+    cache.put(7, 5 * bb, b"\x05" * bb)  # now an unread block (1) goes: it stops counting
+    assert cache.get(7, bb, 2 * bb) is None and cache.unread_bytes == 4 * bb
+    cache.put(7, 2 * bb, b"\x02" * bb)  # replacing an entry does not count it twice
+    assert cache.unread_bytes == 4 * bb and cache.used_bytes == 4 * bb
+    cache.clear()
+    assert cache.unread_bytes == 0 and cache.readahead_room() == 3 * bb
