@@ -732,13 +732,10 @@ class FileSystem:
         block = lo // self.cache.block_bytes
         if (hi - 1) // self.cache.block_bytes == block:
             hit = self.cache.get(extent_id, lo, hi)
+            if hit is None:
+                hit = await self._in_flight(extent_id, block, lo, hi)
             if hit is not None:
                 return hit
-            f = self.cache.inflight.get((extent_id, block))
-            if f is not None:
-                await f.done.wait()
-                if f.error is None and f.lo <= lo and f.lo + len(f.data) >= hi:
-                    return memoryview(f.data)[lo - f.lo:hi - f.lo]
         self.read_fetch_bytes += length
         return await self.client.read(extent_id, lo, length)
 
@@ -754,11 +751,9 @@ class FileSystem:
                            span_lo: int, span_hi: int) -> memoryview:
         key = (extent_id, block)
         bb = self.cache.block_bytes
-        f = self.cache.inflight.get(key)
-        if f is not None:
-            await f.done.wait()
-            if f.error is None and f.lo <= need_lo and f.lo + len(f.data) >= need_hi:
-                return memoryview(f.data)[need_lo - f.lo:need_hi - f.lo]
+        hit = await self._in_flight(extent_id, block, need_lo, need_hi)
+        if hit is not None:
+            return hit
         lo, hi = max(block * bb, span_lo, 0), min((block + 1) * bb, span_hi)
         lo, hi = min(lo, need_lo), max(hi, need_hi)
         f = _Fetch(lo=lo)
@@ -775,6 +770,17 @@ class FileSystem:
             if self.cache.inflight.get(key) is f:
                 del self.cache.inflight[key]
         return memoryview(f.data)[need_lo - lo:need_hi - lo]
+
+    async def _in_flight(self, extent_id: int, block: int, lo: int, hi: int) -> memoryview | None:
+        """Bytes ``[lo, hi)`` from a fetch of this block already under way, once it is done;
+        None when there is none, or it failed or does not cover them."""
+        f = self.cache.inflight.get((extent_id, block))
+        if f is None:
+            return None
+        await f.done.wait()
+        if f.error is None and f.lo <= lo and f.lo + len(f.data) >= hi:
+            return memoryview(f.data)[lo - f.lo:hi - f.lo]
+        return None
 
     def _readahead(self, h: Handle, m: SegmentMap, end: int) -> None:
         """Start block reads for the next window of a sequential reader (in the background)."""
