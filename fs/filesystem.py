@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
@@ -74,6 +74,9 @@ class Handle:
     streak: int = 0
     ra_next: int = 0
     window: int = 0
+    # Blocks readahead fetched for this handle that it has not read to their end: they
+    # count as unread in the block cache until then, or until the handle is closed.
+    ahead: set[tuple[int, int]] = field(default_factory=set)
 
 
 class FileSystem:
@@ -463,6 +466,9 @@ class FileSystem:
         h = self._handles.pop(fh, None)
         if h is None:
             return
+        for extent_id, block in h.ahead:  # fetched for this reader, never read: not unread any more
+            self.cache.done_with(extent_id, block)
+        h.ahead.clear()
         of = h.of
         of.handles -= 1
         try:
@@ -696,16 +702,17 @@ class FileSystem:
             self._readahead(h, m, end)
         if len(pieces) == 1 and pieces[0].extent_id is not None and pieces[0].file_off == off \
                 and pieces[0].length == end - off and not any(c.file_off < end and c.end > off for c in chunks):
-            return await self._read_segment(m, pieces[0], h.streak >= 1)
+            return await self._read_segment(h, m, pieces[0], h.streak >= 1)
         buf = bytearray(end - off)
         for p in pieces:
             if p.extent_id is not None:
-                data = await self._read_segment(m, p, h.streak >= 1)
+                data = await self._read_segment(h, m, p, h.streak >= 1)
                 buf[p.file_off - off:p.end - off] = data
         overlay(buf, off, chunks)
         return bytes(buf)
 
-    async def _read_segment(self, m: SegmentMap, p: Segment, sequential: bool) -> bytes | bytearray | memoryview:
+    async def _read_segment(self, h: Handle, m: SegmentMap, p: Segment,
+                            sequential: bool) -> bytes | bytearray | memoryview:
         assert p.extent_id is not None
         if not sequential:
             return await self._read_uncached(p.extent_id, p.ext_off, p.length)
@@ -719,8 +726,9 @@ class FileSystem:
             data = self.cache.get(p.extent_id, pos, hi)
             if data is None:
                 data = await self._fetch_block(p.extent_id, block, pos, hi, lo_ext, hi_ext)
-            if hi == (block + 1) * bb:  # read to the block's end: drop-behind (BlockCache.done_with)
-                self.cache.done_with(p.extent_id, block)
+            if hi == min((block + 1) * bb, hi_ext):  # read to the cached range's end: drop-behind
+                self.cache.done_with(p.extent_id, block)  # (and no longer unread: BlockCache)
+                h.ahead.discard((p.extent_id, block))
             parts.append(data)
             pos = hi
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -803,10 +811,12 @@ class FileSystem:
                 hi = min(p.ext_off + p.length, (block + 1) * bb)
                 key = (p.extent_id, block)
                 if key not in self.cache.inflight and self.cache.get(p.extent_id, pos, hi) is None:
-                    self._nursery.start_soon(self._prefetch, p.extent_id, block, pos, hi, lo_ext, hi_ext)
+                    h.ahead.add(key)
+                    self._nursery.start_soon(self._prefetch, h, p.extent_id, block, pos, hi, lo_ext, hi_ext)
                 pos = hi
 
-    async def _prefetch(self, extent_id: int, block: int, lo: int, hi: int, span_lo: int, span_hi: int) -> None:
+    async def _prefetch(self, h: Handle, extent_id: int, block: int, lo: int, hi: int, span_lo: int,
+                        span_hi: int) -> None:
         async with self._ra_lane:
             if (extent_id, block) in self.cache.inflight or self.cache.get(extent_id, lo, hi) is not None:
                 return
@@ -814,6 +824,8 @@ class FileSystem:
                 await self._fetch_block(extent_id, block, lo, hi, span_lo, span_hi)
             except Exception as exc:  # the reader will fetch (and report) it itself
                 log.debug("readahead of extent %d block %d failed: %s", extent_id, block, exc)
+            if h.fh not in self._handles:  # closed meanwhile: nobody will read it
+                self.cache.done_with(extent_id, block)
 
     # ---- whole objects (the S3 gateway, DESIGN §5) ----------------------------------
 
@@ -914,7 +926,7 @@ class FileSystem:
         wal = self.meta.wal
         return {"open_files": len(self._files), "handles": len(self._handles), "buffered_bytes": self.budget.used,
                 "cache_bytes": self.cache.used_bytes, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
-                "read_fetch_bytes": self.read_fetch_bytes,
+                "cache_unread_bytes": self.cache.unread_bytes, "read_fetch_bytes": self.read_fetch_bytes,
                 **self.meta.inline_stats, "wal_syncs": wal.syncs if wal is not None else 0}
 
 

@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster import Cluster, free_port, random_file, scrape
+from cluster import Cluster, free_port, random_file, scrape, wait_for
 from mounts import Mount, drop_page_cache
 
 MIB = 1 << 20
@@ -28,6 +28,12 @@ MIB = 1 << 20
 
 def _fetched(port: int) -> float:
     return scrape(port)["appendfs_mount_read_fetch_bytes"]
+
+
+def _unread(port: int) -> float:
+    """Cached bytes fetched for a reader that has not read them yet: readahead only
+    fetches into the room the rest of the cache leaves, so none may be left behind."""
+    return scrape(port)["appendfs_mount_cache_unread_bytes"]
 
 
 def _read_all(path: Path) -> bytes:
@@ -55,6 +61,7 @@ def test_cold_sequential_reads_fetch_every_byte_once_and_random_reads_use_cached
     before = _fetched(port)
     assert _read_all(f_small) == data[small]
     assert small <= _fetched(port) - before <= small + 2 * MIB
+    assert _unread(port) == 0
     drop_page_cache(f_small)
     rng = random.Random(5)
     before = _fetched(port)
@@ -65,9 +72,24 @@ def test_cold_sequential_reads_fetch_every_byte_once_and_random_reads_use_cached
             assert os.pread(f.fileno(), 4096, off) == data[small][off:off + 4096]
     assert _fetched(port) - before == 0
 
+    # Files shorter than a block, read whole, and a reader that stops after 6 MiB of a
+    # 40 MiB file and closes it (readahead was ahead of it) leave no unread bytes behind.
+    for i in range(20):
+        (m.path / f"s{i}").write_bytes(bytes([i]) * (10_000 + i))
+    (m.path / "mid").write_bytes(data[big][:40 * MIB])
+    drop_page_cache(m.path)
+    assert all(_read_all(m.path / f"s{i}") == bytes([i]) * (10_000 + i) for i in range(20))
+    assert _unread(port) == 0
+    with open(m.path / "mid", "rb", buffering=0) as f:
+        for _ in range(6):
+            assert len(f.read(MIB)) == MIB
+        wait_for(lambda: _unread(port) > 0, "readahead to fetch ahead of the reader", 20)
+    wait_for(lambda: _unread(port) == 0, "the closed reader's readahead to stop counting as unread", 20)
+
     # A cold sequential read: each byte once; one block (2 MiB) of slack for a block that
     # straddles two slices.
     before = _fetched(port)
     assert _read_all(m.path / str(big)) == data[big]
     fetched = _fetched(port) - before
     assert big <= fetched <= big + 2 * MIB, f"a cold sequential read of {big} bytes fetched {fetched:.0f}"
+    assert _unread(port) == 0
