@@ -89,6 +89,15 @@ class BlockCache:
         start = lo - entry[0]
         return memoryview(entry[1])[start:start + hi - lo]
 
+    def present(self, extent_id: int, lo: int, hi: int) -> bool:
+        """Whether ``[lo, hi)`` is cached whole or its block is being fetched: readahead's
+        check, which neither counts as a hit or miss nor refreshes the entry's LRU place."""
+        key = (extent_id, lo // self.block_bytes)
+        if key in self.inflight:
+            return True
+        entry = self._entries.get(key)
+        return entry is not None and entry[0] <= lo and entry[0] + len(entry[1]) >= hi
+
     def put(self, extent_id: int, lo: int, data: bytes | bytearray) -> None:
         if len(data) > self.capacity_bytes:
             return

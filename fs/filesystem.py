@@ -809,16 +809,15 @@ class FileSystem:
             while pos < p.ext_off + p.length:
                 block = pos // bb
                 hi = min(p.ext_off + p.length, (block + 1) * bb)
-                key = (p.extent_id, block)
-                if key not in self.cache.inflight and self.cache.get(p.extent_id, pos, hi) is None:
-                    h.ahead.add(key)
+                if not self.cache.present(p.extent_id, pos, hi):
+                    h.ahead.add((p.extent_id, block))
                     self._nursery.start_soon(self._prefetch, h, p.extent_id, block, pos, hi, lo_ext, hi_ext)
                 pos = hi
 
     async def _prefetch(self, h: Handle, extent_id: int, block: int, lo: int, hi: int, span_lo: int,
                         span_hi: int) -> None:
         async with self._ra_lane:
-            if (extent_id, block) in self.cache.inflight or self.cache.get(extent_id, lo, hi) is not None:
+            if self.cache.present(extent_id, lo, hi):
                 return
             try:
                 await self._fetch_block(extent_id, block, lo, hi, span_lo, span_hi)

@@ -78,3 +78,18 @@ def test_readahead_room_counts_unread_and_in_flight_blocks() -> None:
     assert cache.unread_bytes == 4 * bb and cache.used_bytes == 4 * bb
     cache.clear()
     assert cache.unread_bytes == 0 and cache.readahead_room() == 3 * bb
+
+
+def test_present_sees_cached_and_in_flight_blocks_without_counting_or_reordering() -> None:
+    """Readahead's presence check must not look like reader traffic: no hit or miss
+    counted, and the entry keeps its eviction place."""
+    bb = 4096
+    cache = BlockCache(capacity_bytes=2 * bb, block_bytes=bb)
+    cache.put(7, 0, b"\x00" * bb)
+    cache.put(7, bb, b"\x01" * bb)
+    assert cache.present(7, 0, bb) and cache.present(7, 100, 200) and not cache.present(7, 2 * bb, 3 * bb)
+    cache.inflight[(7, 2)] = _Fetch()
+    assert cache.present(7, 2 * bb, 3 * bb)
+    assert cache.hits == 0 and cache.misses == 0
+    cache.put(7, 3 * bb, b"\x03" * bb)  # block 0 is still the least recently used: it goes
+    assert not cache.present(7, 0, bb) and cache.present(7, bb, 2 * bb)
