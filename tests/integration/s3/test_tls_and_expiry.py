@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
-from cluster import free_port, wait_for
+from cluster import free_port, scrape, wait_for
 from s3gw import S3Env, S3Gateway, boto3_client, self_signed_cert
 
 
@@ -36,9 +35,7 @@ def test_https_streams_aws_chunked_with_trailing_checksums(s3env: S3Env, bucket:
         # the uploads above really came as aws-chunked bodies (what boto3 sends over HTTPS);
         # /metrics is the sum over the gateway's workers, which report every second
         def chunked_requests() -> float:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
-            found = [line for line in text.splitlines() if line.startswith("appendfs_s3_aws_chunked_requests ")]
-            return float(found[0].split()[1]) if found else 0.0
+            return scrape(metrics).get("appendfs_s3_aws_chunked_requests", 0.0)
         wait_for(lambda: chunked_requests() >= 5, "5 aws-chunked requests counted in /metrics", timeout_s=30)
     finally:
         gw.stop()

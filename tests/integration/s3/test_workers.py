@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
-from cluster import APPENDFS, free_port, wait_for
+from cluster import APPENDFS, free_port, scrape, wait_for
 from s3gw import S3Env, S3Gateway
 
 
@@ -29,11 +28,7 @@ def children(pid: int) -> set[int]:
 
 
 def metric(port: int, name: str) -> float | None:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+    return scrape(port).get(name)
 
 
 # The supervisor does not touch the namespace: one engine is enough (the suite's time budget).
