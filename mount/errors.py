@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -64,22 +65,36 @@ def errno_of(exc: BaseException, where: str = "") -> int:
 
 
 def fuse_errors(fn: F) -> F:
-    """Wrap a pyfuse3 handler so every error leaves it as a FUSEError (never kills the mount)."""
+    """Wrap a pyfuse3 handler so every error leaves it as a FUSEError (never kills the mount).
+
+    Being the one place every request passes through, it also records each request in the
+    handler's ``op_stats`` (:class:`~appendfs.mount.opstats.OpStats`): operation, time taken
+    and the errno answered. A cancelled request (unmount) is not recorded."""
     where = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kw: Any) -> Any:
+    async def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        err = 0
         try:
-            return await fn(*args, **kw)
-        except pyfuse3.FUSEError:
+            return await fn(self, *args, **kw)
+        except pyfuse3.FUSEError as exc:
+            err = exc.errno
             raise
         except trio.Cancelled:
+            t0 = -1.0
             raise
         except Exception as exc:
-            raise pyfuse3.FUSEError(errno_of(exc, where)) from None
+            err = errno_of(exc, where)
+            raise pyfuse3.FUSEError(err) from None
         except BaseExceptionGroup as group:
             if group.subgroup(trio.Cancelled) is not None:
+                t0 = -1.0
                 raise
-            raise pyfuse3.FUSEError(errno_of(group, where)) from None
+            err = errno_of(group, where)
+            raise pyfuse3.FUSEError(err) from None
+        finally:
+            if t0 >= 0:
+                self.op_stats.record(where, time.perf_counter() - t0, err)
 
     return wrapper  # type: ignore[return-value]

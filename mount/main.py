@@ -90,10 +90,12 @@ def fuse_options(mcfg: MountConfig, extra: frozenset[str] = frozenset()) -> set[
 async def serve(meta_url: str, mountpoint: Path, mcfg: MountConfig, fcfg: FsConfig, ccfg: ClientConfig,
                 kernel_options: frozenset[str] = frozenset(), ready: Callable[[], None] | None = None) -> None:
     from appendfs.metrics import serve_metrics
+    from appendfs.mount.opstats import metric_families
 
     async with FileSystem.connect(meta_url, fcfg, ccfg, owner=f"mount:{os.uname().nodename}:{mountpoint}") as fs:
         ops = Operations(fs)
-        serve_metrics(mcfg.metrics, "appendfs_mount", lambda: {**fs.stats(), **fs.client.stats})
+        serve_metrics(mcfg.metrics, "appendfs_mount", lambda: {**fs.stats(), **fs.client.stats},
+                      lambda: metric_families(ops.op_stats))
         try:
             pyfuse3.init(ops, str(mountpoint), fuse_options(mcfg, kernel_options))
         except RuntimeError as exc:

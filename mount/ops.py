@@ -28,6 +28,7 @@ import pyfuse3
 from appendfs.fs import FileSystem
 from appendfs.meta import Attr, FsError
 from appendfs.mount.errors import fuse_errors
+from appendfs.mount.opstats import OpStats
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, _DirCursor] = {}
         self._removed_dirs: dict[int, Attr] = {}  # rmdir'ed here, still held by the kernel
         self._next_dir = 1
+        self.op_stats = OpStats()  # filled by fuse_errors, read by /metrics
 
     # ---- helpers --------------------------------------------------------------------
 

@@ -26,3 +26,39 @@ def test_datanode_and_metanode_metrics(sqlite_url: str, make_cluster, tmp_path: 
     assert meta["appendfs_metanode_leader"] == 1.0
     assert meta["appendfs_metanode_allocations"] >= 1 and meta["appendfs_metanode_seals"] >= 1
     assert meta["appendfs_metanode_heartbeats"] > 0
+
+
+def test_mount_metrics_count_and_time_every_request_by_operation(sqlite_url: str, make_cluster, make_mount,
+                                                                 tmp_path: Path) -> None:
+    """The mount's per-operation histograms and error counters move with real requests."""
+    port = free_port()
+    m = make_mount(make_cluster(sqlite_url), env={"APPENDFS_MOUNT_METRICS": f"127.0.0.1:{port}"})
+    before = wait_for(lambda: _by_labels(scrape(port)), "mount metrics", 10)
+    for i in range(5):
+        (m.path / f"f{i}").write_bytes(b"x" * 4096)
+    for i in range(3):
+        assert not (m.path / f"missing{i}").exists()
+    after = _by_labels(scrape(port))
+
+    def moved(sample: str) -> float:
+        return after.get(sample, 0.0) - before.get(sample, 0.0)
+
+    for op in ("create", "write", "flush", "release"):
+        assert moved(f'appendfs_mount_fuse_request_seconds_count{{op="{op}"}}') >= 5, op
+        assert moved(f'appendfs_mount_fuse_request_seconds_sum{{op="{op}"}}') > 0, op
+        assert after[f'appendfs_mount_fuse_request_seconds_bucket{{le="+Inf",op="{op}"}}'] == \
+            after[f'appendfs_mount_fuse_request_seconds_count{{op="{op}"}}'], op
+    # the kernel looks each new name up before creating it, and each missing one once
+    assert moved('appendfs_mount_fuse_errors_total{errno="ENOENT",op="lookup"}') >= 8
+    assert not any("EIO" in k for k in after)
+
+
+def _by_labels(samples: dict[str, float]) -> dict[str, float]:
+    """Sample names with their labels in sorted order (the exposition's order is its own)."""
+    out = {}
+    for name, value in samples.items():
+        if "{" in name:
+            base, _, labels = name[:-1].partition("{")
+            name = base + "{" + ",".join(sorted(labels.split(","))) + "}"
+        out[name] = value
+    return out
