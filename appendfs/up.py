@@ -95,25 +95,34 @@ def _appendfs() -> list[str]:
 
 
 def plan(data_dir: Path) -> tuple[str, list[Child], dict[str, Any]]:
+    """The MetaNode and DataNode children, and run.json's first contents. Every child
+    serves Prometheus metrics on a loopback port of its own (``run["metrics"]``)."""
     meta_url = f"sqlite:///{data_dir}/meta.db"
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     meta_port = free_port()
-    children = [Child("metanode", [*_appendfs(), "metanode", "--meta", meta_url, "--listen", f"127.0.0.1:{meta_port}"],
-                      logs / "metanode.log")]
     run: dict[str, Any] = {"meta_url": meta_url, "metanode": f"127.0.0.1:{meta_port}", "datanodes": [],
-                              "secret_file": str(data_dir / "secret")}
+                           "secret_file": str(data_dir / "secret"), "metrics": {}}
+    children = [Child("metanode", [*_appendfs(), "metanode", "--meta", meta_url, "--listen", f"127.0.0.1:{meta_port}",
+                                   *_metrics(run, "metanode")], logs / "metanode.log")]
     for i in range(1, DATANODES + 1):
         port = free_port()
         children.append(Child(f"datanode-{i}", [
             *_appendfs(), "datanode", "--listen", f"127.0.0.1:{port}", "--data", str(data_dir / f"datanode-{i}"),
-            "--metanode", f"127.0.0.1:{meta_port}", "--secret-file", str(data_dir / "secret")], logs / f"datanode-{i}.log"))
+            "--metanode", f"127.0.0.1:{meta_port}", "--secret-file", str(data_dir / "secret"),
+            *_metrics(run, f"datanode-{i}")], logs / f"datanode-{i}.log"))
         run["datanodes"].append(f"127.0.0.1:{port}")
     return meta_url, children, run
 
 
-def mount_child(meta_url: str, mountpoint: Path, logs: Path) -> Child:
-    return Child("mount", [*_appendfs(), "mount", "--meta", meta_url, "--foreground", str(mountpoint)],
+def _metrics(run: dict[str, Any], name: str) -> list[str]:
+    """``--metrics`` arguments for child ``name``: a fresh loopback port, noted in run.json."""
+    address = run["metrics"][name] = f"127.0.0.1:{free_port()}"
+    return ["--metrics", address]
+
+
+def mount_child(meta_url: str, mountpoint: Path, logs: Path, metrics: list[str]) -> Child:
+    return Child("mount", [*_appendfs(), "mount", "--meta", meta_url, "--foreground", *metrics, str(mountpoint)],
                  logs / "mount.log")
 
 
@@ -128,8 +137,8 @@ def _wait_mounted(child: Child, mountpoint: Path, timeout_s: float = 60) -> bool
     return False
 
 
-def s3_child(meta_url: str, address: str, logs: Path) -> Child:
-    return Child("s3", [*_appendfs(), "s3", "--meta", meta_url, "--listen", address], logs / "s3.log")
+def s3_child(meta_url: str, address: str, logs: Path, metrics: list[str]) -> Child:
+    return Child("s3", [*_appendfs(), "s3", "--meta", meta_url, "--listen", address, *metrics], logs / "s3.log")
 
 
 def _wait_listening(child: Child, address: str, timeout_s: float = 60) -> bool:
@@ -204,7 +213,7 @@ def run_up(data_dir: Path, mountpoint: Path | None = None, s3_address: str | Non
     (data_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     _wait_registered(meta_url)
     if mountpoint is not None:
-        child = mount_child(meta_url, mountpoint, data_dir / "logs")
+        child = mount_child(meta_url, mountpoint, data_dir / "logs", _metrics(run, "mount"))
         child.start()
         children.append(child)
         if not _wait_mounted(child, mountpoint):
@@ -214,7 +223,7 @@ def run_up(data_dir: Path, mountpoint: Path | None = None, s3_address: str | Non
         (data_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     if s3_address is not None:
         run["s3_key"] = first_s3_key(meta_url, data_dir)
-        child = s3_child(meta_url, s3_address, data_dir / "logs")
+        child = s3_child(meta_url, s3_address, data_dir / "logs", _metrics(run, "s3"))
         child.start()
         children.append(child)
         if not _wait_listening(child, s3_address):
@@ -296,6 +305,10 @@ def _announce(meta_url: str, run: dict[str, Any], data_dir: Path) -> None:
         ak, sk = run["s3_key"]
         s3 = (f"\n  S3         http://{run['s3']}  (path-style; region us-east-1)"
               f"\n  S3 key     {ak}\n  S3 secret  {sk}   (also in {data_dir}/s3-credentials)")
+    m = run["metrics"]
+    named = ", ".join(f"{name} {m[name]}" for name in ("mount", "s3", "metanode") if name in m)
+    dns = ", ".join(address for name, address in m.items() if name.startswith("datanode-"))
+    metrics = f"Prometheus /metrics of {named},\n             DataNodes {dns}"
     s3_try = ""
     if run.get("s3"):
         s3_try = (f"\n  AWS_SHARED_CREDENTIALS_FILE={data_dir}/s3-credentials aws --endpoint-url http://{run['s3']} "
@@ -304,6 +317,7 @@ def _announce(meta_url: str, run: dict[str, Any], data_dir: Path) -> None:
   META_URL   {meta_url}
   MetaNode   {run['metanode']}
   DataNodes  {', '.join(run['datanodes'])}
+  metrics    {metrics}
   logs       {data_dir}/logs/   ports and pids: {data_dir}/run.json
 try:
   export APPENDFS_META={meta_url}

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cluster import APPENDFS, Cluster, free_port, running_up, wait_for, wait_gone
+from cluster import APPENDFS, Cluster, free_port, running_up, scrape, wait_for, wait_gone
 from mounts import Mount, fuse_available
 from s3gw import Key, boto3_client
 
@@ -120,5 +120,14 @@ def test_up_with_mount_and_s3_serves_files_and_stops_cleanly(tmp_path: Path) -> 
         s3.put_object(Bucket="arch", Key="via/s3", Body=b"object")
         wait_for(lambda: (mnt / "arch" / "via" / "s3").exists(), "the object in the mount", 10, 0.2)
         assert (mnt / "arch" / "via" / "s3").read_bytes() == b"object"
+        # every daemon serves Prometheus metrics on the port run.json names, and they move
+        metrics = run_info["metrics"]
+        assert set(metrics) == {"metanode", "datanode-1", "datanode-2", "datanode-3", "mount", "s3"}
+        samples = {name: scrape(int(address.rsplit(":", 1)[1])) for name, address in metrics.items()}
+        assert samples["metanode"]["appendfs_metanode_leader"] == 1.0
+        assert sum(samples[f"datanode-{i}"]["appendfs_datanode_append_bytes"] for i in (1, 2, 3)) >= 200_000
+        assert any(k.startswith("appendfs_mount_fuse_request_seconds_count") and 'op="create"' in k and v >= 1
+                   for k, v in samples["mount"].items())
+        assert any(k.startswith("appendfs_s3_") and v > 0 for k, v in samples["s3"].items())
     assert not os.path.ismount(mnt)
     wait_gone(run_info["pids"].values(), "every child of `up` to exit")
