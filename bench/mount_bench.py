@@ -50,6 +50,7 @@ import contextlib
 import json
 import mmap
 import os
+import re
 import resource
 import shutil
 import signal
@@ -352,6 +353,8 @@ class Row:
     others: list[float] = field(default_factory=list)  # % of a core, per phase
     errors: list[str] = field(default_factory=list)
     fs_target: bool = True  # False for the store client (no fio, no small files)
+    # threads -> FUSE op -> handler ms per file, from the mount's /metrics (appendfs only)
+    file_ops: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def fmt(v: float | None, digits: int = 0) -> str:
@@ -372,6 +375,36 @@ def results_table(rows: list[Row], threads: list[int], size_mib: int, rand_s: in
                  fmt(r.rss_mib), f"{max(r.others):.0f}%" if r.others else "—"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+#: The FUSE requests the kernel sends for one file created, written and closed.
+SMALL_FILE_OPS = ("lookup", "getattr", "create", "getxattr", "write", "flush", "release")
+
+
+def op_seconds(port: int) -> dict[str, float]:
+    """Seconds spent in each FUSE handler so far (``appendfs_mount_fuse_request_seconds_sum``)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = re.findall(r'^appendfs_mount_fuse_request_seconds_sum\{op="(\w+)"\} (\S+)$', text, re.M)
+    return {op: float(v) for op, v in found}
+
+
+def file_ops_table(rows: list[Row], threads: list[int]) -> str:
+    """Where a small file's time goes inside the mount: each FUSE handler's time per file
+    (summed over the threads, so with several threads it exceeds the wall time per file)."""
+    out = ["| target, threads | " + " | ".join(SMALL_FILE_OPS) + " | other ops | all handlers | wall per file |",
+           "|---|" + "---:|" * (len(SMALL_FILE_OPS) + 3)]
+    for r in rows:
+        for t in threads:
+            ops = r.file_ops.get(t)
+            rate = r.files.get(t)
+            if not ops or not rate:
+                continue
+            other = sum(v for k, v in ops.items() if k not in SMALL_FILE_OPS)
+            out.append(f"| {r.name}, {t} | " + " | ".join(f"{ops.get(k, 0.0):.3f}" for k in SMALL_FILE_OPS)
+                       + f" | {other:.3f} | {sum(ops.values()):.3f} | {1000 / rate:.3f} |")
+    return "\n".join(out) if len(out) > 2 else ""
 
 
 def ratios_table(rows: dict[str, Row], threads: list[int]) -> str:
@@ -452,7 +485,8 @@ class Bench:
             row.errors.append(f"{what}: {msg}")
             progress(f"{row.name}: {what}: FAILED: {msg}")
 
-    def fs_target(self, key: str, name: str, where: Path, fuse_pid: int | None) -> Row:
+    def fs_target(self, key: str, name: str, where: Path, fuse_pid: int | None,
+                  metrics_port: int | None = None) -> Row:
         row = self.rows[key] = Row(name)
         where.mkdir(parents=True, exist_ok=True)
         if fuse_pid is not None:
@@ -485,7 +519,12 @@ class Bench:
                 data.unlink()
         for t in self.threads:
             def files(t: int = t) -> str:
+                before = op_seconds(metrics_port) if metrics_port else {}
                 row.files[t] = small_files(where / f"small-{t}", self.args.files, t)
+                if metrics_port:
+                    after = op_seconds(metrics_port)
+                    row.file_ops[t] = {op: (v - before.get(op, 0.0)) * 1000 / self.args.files
+                                       for op, v in after.items() if v > before.get(op, 0.0)}
                 return f"{row.files[t]:,.0f} files/s"
             self._phase(row, f"{self.args.files} small files, {t} thread{'s' if t > 1 else ''}", files)
         if fuse_pid is not None:
@@ -545,8 +584,12 @@ class Bench:
         if not want & {"rep1", "rep3"}:
             return
         progress("mounting appendfs (default settings)")
+        from appendfs.up import free_port
+
+        metrics_port = free_port()
         afs = FuseProc("appendfs mount", [str(sb.APPENDFS), "mount", "--meta", c.meta_url, "--foreground",
-                                          str(self.root / "mnt-afs")], self.root / "mnt-afs", self.root / "mount.log")
+                                          "--metrics", f"127.0.0.1:{metrics_port}", str(self.root / "mnt-afs")],
+                       self.root / "mnt-afs", self.root / "mount.log")
         self.fuse.append(afs)
         try:
             afs.start()
@@ -564,7 +607,7 @@ class Bench:
             where.mkdir()
             os.setxattr(where, POLICY_XATTR, policy.encode())  # new files and directories below inherit it
             progress(f"target appendfs {policy} ({where}, {POLICY_XATTR}={policy})")
-            self.fs_target(key, f"appendfs {policy}", where, afs.pid)
+            self.fs_target(key, f"appendfs {policy}", where, afs.pid, metrics_port)
             if afs.popen is not None and afs.popen.poll() is not None:
                 self.rows[key].errors.append(f"the mount process exited with {afs.popen.returncode}")
                 progress(f"appendfs mount exited with {afs.popen.returncode}:\n{afs.tail()}")
@@ -647,6 +690,11 @@ def main() -> None:
     print(results_table(rows, args.threads, bench.size_mib, args.rand_s, args.files))
     print()
     print(ratios_table(bench.rows, args.threads))
+    ops = file_ops_table(rows, args.threads)
+    if ops:
+        print("\nSmall files inside the mount: each FUSE handler's time, ms per file (from the mount's "
+              "appendfs_mount_fuse_request_seconds; with several threads the handlers overlap):\n")
+        print(ops)
     errors = [(r.name, e) for r in rows for e in r.errors]
     if errors:
         print("\nErrors:")
