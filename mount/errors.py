@@ -75,26 +75,26 @@ def fuse_errors(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
         t0 = time.perf_counter()
-        err = 0
+        err, cancelled = 0, False
         try:
             return await fn(self, *args, **kw)
         except pyfuse3.FUSEError as exc:
             err = exc.errno
             raise
         except trio.Cancelled:
-            t0 = -1.0
+            cancelled = True
             raise
         except Exception as exc:
             err = errno_of(exc, where)
             raise pyfuse3.FUSEError(err) from None
         except BaseExceptionGroup as group:
             if group.subgroup(trio.Cancelled) is not None:
-                t0 = -1.0
+                cancelled = True
                 raise
             err = errno_of(group, where)
             raise pyfuse3.FUSEError(err) from None
         finally:
-            if t0 >= 0:
+            if not cancelled:
                 self.op_stats.record(where, time.perf_counter() - t0, err)
 
     return wrapper  # type: ignore[return-value]
