@@ -276,6 +276,63 @@ def status_cmd(meta_url: str, as_json: bool) -> None:
     click.echo(json.dumps(status, indent=2, default=str) if as_json else render_status(status))
 
 
+@main.command("stats")
+@click.option("--metrics", "address", default=None, metavar="HOST:PORT",
+              help="the mount's Prometheus address (its --metrics)")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="an `appendfs up` directory: the address of its mount, from DIR/run.json")
+@click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="seconds per line")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=None, help="stop after this many lines")
+@guarded
+def stats_cmd(address: str | None, data_dir: Path | None, interval: float, count: int | None) -> None:
+    """A mount's FUSE traffic, one line per interval: requests per second and mean latency
+    by operation, read/write MiB/s, errors, block-cache hit rate (Ctrl-C stops)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from appendfs.mount import statsview
+
+    if (address is None) == (data_dir is None):
+        raise ConfigError("give --metrics HOST:PORT (the mount's --metrics) or --data DIR (an `appendfs up` "
+                          "directory), one of them")
+    if data_dir is not None:
+        try:
+            run = json.loads((data_dir / "run.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {data_dir / 'run.json'}: {exc}; is `appendfs up --data {data_dir}` "
+                              "running?") from None
+        address = run.get("metrics", {}).get("mount")
+        if address is None:
+            raise ConfigError(f"{data_dir / 'run.json'} names no mount with metrics: start `appendfs up` with "
+                              "--mount, or give --metrics")
+    url = f"http://{address}/metrics"
+
+    def snapshot() -> statsview.Snapshot:
+        try:
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+        except (OSError, urllib.error.URLError) as exc:
+            fail(f"cannot read {url}: {getattr(exc, 'reason', exc)}; is the mount running with --metrics "
+                 f"{address}?", 1)
+        try:
+            return statsview.parse(text)
+        except ValueError as exc:
+            fail(f"{url}: {exc}", 1)
+
+    prev = snapshot()
+    click.echo(statsview.header())
+    shown = 0
+    try:
+        while count is None or shown < count:
+            time.sleep(max(0.0, prev.at + interval - time.monotonic()))
+            cur = snapshot()
+            click.echo(statsview.line(prev, cur))
+            prev, shown = cur, shown + 1
+    except KeyboardInterrupt:
+        pass
+
+
 @main.group("node")
 def node_group() -> None:
     """DataNode administration: drain a node before removing it."""

@@ -350,12 +350,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]  # pyfuse3 takes any buffer
-        return await self.fs.read(fh, off, size)
+        data = await self.fs.read(fh, off, size)
+        self.op_stats.read_bytes += len(data)
+        return data
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         """Buffers only (DESIGN §4); errors of the store surface at flush/fsync."""
-        return await self.fs.write(fh, off, buf)
+        n = await self.fs.write(fh, off, buf)
+        self.op_stats.write_bytes += n
+        return n
 
     @fuse_errors
     async def flush(self, fh: int) -> None:

@@ -8,7 +8,11 @@ and the errno it answered, if any. The mount's ``/metrics`` endpoint exports the
 * ``appendfs_mount_fuse_request_seconds{op}``: a histogram (count, sum, buckets);
 * ``appendfs_mount_fuse_errors_total{op,errno}``: requests answered with an error, by
   errno name — some are routine (``lookup`` ENOENT before every create, ``getxattr``
-  ENODATA), a jump in ``EIO`` is not.
+  ENODATA), a jump in ``EIO`` is not;
+* ``appendfs_mount_fuse_read_bytes_total`` / ``..._write_bytes_total``: bytes answered to
+  reads and taken from writes.
+
+``appendfs stats`` (:mod:`appendfs.mount.statsview`) shows them live.
 
 Recording costs two dict lookups and a bisect per request (~1 µs); the scrape runs in
 prometheus_client's thread and reads copies, so a scrape never blocks a request (a
@@ -54,6 +58,8 @@ class OpStats:
     def __init__(self) -> None:
         self.latency: dict[str, OpLatency] = {}
         self.errors: dict[tuple[str, str], int] = {}
+        self.read_bytes = 0  # answered to FUSE reads (ops.read counts them)
+        self.write_bytes = 0  # taken from FUSE writes (ops.write)
 
     def record(self, op: str, seconds: float, err: int = 0) -> None:
         lat = self.latency.get(op)
@@ -84,4 +90,8 @@ def metric_families(stats: OpStats, prefix: str = "appendfs_mount") -> list[Any]
                                "operation and errno", labels=["op", "errno"])
     for (op, name), n in sorted(errors.items()):
         errs.add_metric([op, name], n)
-    return [hist, errs]
+    rd = CounterMetricFamily(f"{prefix}_fuse_read_bytes", "mount: bytes answered to FUSE reads",
+                             value=stats.read_bytes)
+    wr = CounterMetricFamily(f"{prefix}_fuse_write_bytes", "mount: bytes taken from FUSE writes",
+                             value=stats.write_bytes)
+    return [hist, errs, rd, wr]

@@ -33,9 +33,17 @@ def one_line_error(res: subprocess.CompletedProcess[str], code: int = 2) -> str:
     (["store", "put", "--meta", "sqlite:////tmp/x.db", "--redundancy", "rep:0", "/etc/hostname"], "--redundancy"),
     (["store", "get", "--meta", "sqlite:////tmp/x.db", "not-a-locator"], "not an appendfs locator"),
     (["metanode", "--meta", "mysql://x/y"], "unsupported database"),
+    (["stats", "-n", "1"], "--metrics HOST:PORT"),
+    (["stats", "--data", "/nonexistent/up", "-n", "1"], "is `appendfs up --data /nonexistent/up` running"),
 ])
 def test_bad_input_prints_one_line_and_exits_2(args: list[str], says: str) -> None:
     assert says in one_line_error(run(*args))
+
+
+def test_stats_says_when_nothing_serves_mount_metrics_there(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"metrics": {"metanode": "127.0.0.1:1"}}))
+    assert "names no mount" in one_line_error(run("stats", "--data", str(tmp_path), "-n", "1"))
+    assert "Connection refused" in one_line_error(run("stats", "--metrics", "127.0.0.1:1", "-n", "1"), code=1)
 
 
 def test_a_bad_config_file_is_refused(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from cluster import free_port, random_file, scrape, wait_for
@@ -51,6 +53,23 @@ def test_mount_metrics_count_and_time_every_request_by_operation(sqlite_url: str
     # the kernel looks each new name up before creating it, and each missing one once
     assert moved('appendfs_mount_fuse_errors_total{errno="ENOENT",op="lookup"}') >= 8
     assert not any("EIO" in k for k in after)
+    assert moved("appendfs_mount_fuse_write_bytes_total") == 5 * 4096
+
+    # `appendfs stats` shows the same traffic live, one line per interval
+    stats = subprocess.Popen([sys.executable, "-m", "appendfs", "stats", "--metrics", f"127.0.0.1:{port}",
+                              "-i", "0.5", "-n", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for i in range(40):
+            (m.path / f"g{i}").write_bytes(b"y" * 8192)
+            assert (m.path / f"g{i}").read_bytes() == b"y" * 8192
+        out, err = stats.communicate(timeout=30)
+    finally:
+        stats.kill()
+    assert stats.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["time", "lookup", "getattr", "create"] and len(lines) == 2 + 4, out
+    creates = [float(line.split()[5].replace(",", "")) for line in lines[2:]]  # create's requests/s column
+    assert sum(creates) > 0, out
 
 
 def _by_labels(samples: dict[str, float]) -> dict[str, float]:

@@ -71,7 +71,7 @@ def test_metric_families_render_histograms_and_error_counters() -> None:
     s = OpStats()
     s.record("create", 0.003)
     s.record("lookup", 0.0002, errno.ENOENT)
-    hist, errs = metric_families(s)
+    hist, errs, _read, _write = metric_families(s)
     samples = {(x.name, tuple(sorted(x.labels.items()))): x.value for x in hist.samples + errs.samples}
     assert samples[("appendfs_mount_fuse_request_seconds_count", (("op", "create"),))] == 1
     assert samples[("appendfs_mount_fuse_request_seconds_bucket", (("le", "0.0025"), ("op", "create")))] == 0
