@@ -18,4 +18,6 @@ class MountConfig:
     max_tasks: int = option(64, "FUSE requests served at once", positive)
     read_ahead_kb: int = option(4096, "kernel readahead of the mount (its bdi read_ahead_kb); 0 keeps the kernel's 128", non_negative)
     metrics: str | None = option(None, "serve Prometheus /metrics on HOST:PORT", host_port)
+    slow_request_s: float = option(5.0, "log a warning for each FUSE request that takes at least this long; 0: never",
+                                   non_negative)
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")

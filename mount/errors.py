@@ -69,7 +69,8 @@ def fuse_errors(fn: F) -> F:
 
     Being the one place every request passes through, it also records each request in the
     handler's ``op_stats`` (:class:`~appendfs.mount.opstats.OpStats`): operation, time taken
-    and the errno answered. A cancelled request (unmount) is not recorded."""
+    and the errno answered, with a warning in the log for a slow one (the mount's
+    ``slow_request_s``). A cancelled request (unmount) is not recorded."""
     where = fn.__name__
 
     @functools.wraps(fn)
@@ -95,6 +96,15 @@ def fuse_errors(fn: F) -> F:
             raise pyfuse3.FUSEError(err) from None
         finally:
             if not cancelled:
-                self.op_stats.record(where, time.perf_counter() - t0, err)
+                took = time.perf_counter() - t0
+                if self.op_stats.record(where, took, err):
+                    log.warning("slow FUSE request: %s%s took %.1f s%s", where, _brief(args), took,
+                                f" and failed with {errno.errorcode.get(err, err)}" if err else "")
 
     return wrapper  # type: ignore[return-value]
+
+
+def _brief(args: tuple[Any, ...]) -> str:
+    """The leading numbers of a request (inode or handle, offset, size) for a log line;
+    never names or data, which may be private."""
+    return "(" + ", ".join(str(a) for a in args[:3] if isinstance(a, int)) + ")"

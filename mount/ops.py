@@ -77,7 +77,7 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem) -> None:
+    def __init__(self, fs: FileSystem, slow_request_s: float = 0.0) -> None:
         super().__init__()
         self.fs = fs
         self.attr_timeout_s = fs.cfg.attr_timeout_s
@@ -86,7 +86,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, _DirCursor] = {}
         self._removed_dirs: dict[int, Attr] = {}  # rmdir'ed here, still held by the kernel
         self._next_dir = 1
-        self.op_stats = OpStats()  # filled by fuse_errors, read by /metrics
+        self.op_stats = OpStats(slow_request_s)  # filled by fuse_errors, read by /metrics
 
     # ---- helpers --------------------------------------------------------------------
 

@@ -55,13 +55,18 @@ class OpLatency:
 
 
 class OpStats:
-    def __init__(self) -> None:
+    """``slow_s``: :meth:`record` answers True for a request at least this long (0: never),
+    so the wrapper can log it."""
+
+    def __init__(self, slow_s: float = 0.0) -> None:
+        self.slow_s = slow_s
         self.latency: dict[str, OpLatency] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.read_bytes = 0  # answered to FUSE reads (ops.read counts them)
         self.write_bytes = 0  # taken from FUSE writes (ops.write)
 
-    def record(self, op: str, seconds: float, err: int = 0) -> None:
+    def record(self, op: str, seconds: float, err: int = 0) -> bool:
+        """Count one request; True when it was slow (see ``slow_s``)."""
         lat = self.latency.get(op)
         if lat is None:
             lat = self.latency[op] = OpLatency()
@@ -70,6 +75,7 @@ class OpStats:
         if err:
             key = (op, errno_mod.errorcode.get(err, str(err)))
             self.errors[key] = self.errors.get(key, 0) + 1
+        return 0 < self.slow_s <= seconds
 
     def snapshot(self) -> tuple[dict[str, OpLatency], dict[tuple[str, str], int]]:
         """Copies for a scrape in another thread (each list copy is one C call under the GIL)."""

@@ -77,3 +77,23 @@ def test_metric_families_render_histograms_and_error_counters() -> None:
     assert samples[("appendfs_mount_fuse_request_seconds_bucket", (("le", "0.0025"), ("op", "create")))] == 0
     assert samples[("appendfs_mount_fuse_request_seconds_bucket", (("le", "0.005"), ("op", "create")))] == 1
     assert samples[("appendfs_mount_fuse_errors_total", (("errno", "ENOENT"), ("op", "lookup")))] == 1
+
+
+async def test_a_slow_request_is_logged_with_its_numbers_but_not_its_data(caplog: pytest.LogCaptureFixture) -> None:
+    class Slow:
+        def __init__(self) -> None:
+            self.op_stats = OpStats(slow_s=0.01)
+
+        @fuse_errors
+        async def write(self, fh: int, off: int, buf: bytes) -> int:
+            await trio.sleep(0.02 if off else 0)
+            return len(buf)
+
+    h = Slow()
+    with caplog.at_level("WARNING", logger="appendfs.mount.errors"):
+        assert await h.write(7, 0, b"fast") == 4
+        assert await h.write(7, 4096, b"secret bytes") == 12
+    slow = [r.getMessage() for r in caplog.records]
+    assert len(slow) == 1 and slow[0].startswith("slow FUSE request: write(7, 4096) took 0.0"), slow
+    assert "secret" not in slow[0]
+    assert OpStats().record("write", 100.0) is False  # 0 turns the warning off
