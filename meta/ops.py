@@ -100,13 +100,21 @@ def _attr_select(lock: str | None) -> Stmt:
 
 
 _GET_ATTR = {lock: _attr_select(lock) for lock in (None, "key_share", "write", "delete")}
-_LOOKUP = Stmt(
-    lambda _d: (
-        sa.select(*_ATTR_COLS)
-        .select_from(D.join(I, I.c.ino == D.c.ino))
-        .where(D.c.parent == _bp("b_parent"), D.c.name == _bp("b_name"))
+def _lookup_in_dir(_dialect: str) -> Any:
+    """The parent's kind, then the child's Attr columns (NULL when the name is absent): a
+    negative lookup — the kernel sends one before every create — answers ENOENT or ENOTDIR
+    in this one round trip, where a second query for the parent used to follow (~0.3 ms
+    on PostgreSQL)."""
+    p, c = I.alias("p"), I.alias("c")
+    named = sa.and_(D.c.parent == p.c.ino, D.c.name == _bp("b_name"))
+    return (
+        sa.select(p.c.kind, *(c.c[col.key] for col in _ATTR_COLS))
+        .select_from(p.outerjoin(D, named).outerjoin(c, c.c.ino == D.c.ino))
+        .where(p.c.ino == _bp("b_parent"))
     )
-)
+
+
+_LOOKUP = Stmt(_lookup_in_dir)
 _GET_DENTRY = Stmt(
     lambda _d: sa.select(D.c.ino, D.c.kind).where(
         D.c.parent == _bp("b_parent"), D.c.name == _bp("b_name")
@@ -425,8 +433,12 @@ def getattr_(conn: sa.Connection, ino: int) -> Attr:
 def lookup(conn: sa.Connection, parent: int, name: bytes) -> Attr:
     row = _LOOKUP.first(conn, b_parent=parent, b_name=name)
     if row is None:
-        raise missing_entry(conn, parent, name)
-    return Attr(*row)
+        raise FsError(errno.ENOENT, f"directory inode {parent} does not exist")
+    if row[0] != stat.S_IFDIR:
+        raise FsError(errno.ENOTDIR, f"inode {parent} is not a directory")
+    if row[1] is None:
+        raise FsError(errno.ENOENT, f"no entry {name[:64]!r} in directory {parent}")
+    return Attr(*row[1:])
 
 
 def readlink(conn: sa.Connection, ino: int) -> bytes:

@@ -65,6 +65,9 @@ def test_create_lookup_getattr_readdir(meta: Meta) -> None:
         meta.lookup(f.ino, b"x")
     assert err(e) == errno.ENOTDIR
     with pytest.raises(FsError) as e:
+        meta.lookup(10**12, b"x")  # no such directory at all (one statement answers all three cases)
+    assert err(e) == errno.ENOENT
+    with pytest.raises(FsError) as e:
         meta.create(f.ino, b"x", 0o644, 0, 0)
     assert err(e) == errno.ENOTDIR
     fifo = meta.mknod(d.ino, b"fifo", stat.S_IFIFO | 0o600, 0, 0)
