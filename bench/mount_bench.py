@@ -50,7 +50,6 @@ import contextlib
 import json
 import mmap
 import os
-import re
 import resource
 import shutil
 import signal
@@ -382,12 +381,14 @@ SMALL_FILE_OPS = ("lookup", "getattr", "create", "getxattr", "write", "flush", "
 
 
 def op_seconds(port: int) -> dict[str, float]:
-    """Seconds spent in each FUSE handler so far (``appendfs_mount_fuse_request_seconds_sum``)."""
+    """Seconds spent in each FUSE handler so far, from the mount's /metrics (the parser of
+    ``appendfs stats``)."""
     import urllib.request
 
+    from appendfs.mount.statsview import parse
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    found = re.findall(r'^appendfs_mount_fuse_request_seconds_sum\{op="(\w+)"\} (\S+)$', text, re.M)
-    return {op: float(v) for op, v in found}
+    return {op: seconds for op, (_count, seconds) in parse(text).ops.items()}
 
 
 def file_ops_table(rows: list[Row], threads: list[int]) -> str:

@@ -100,6 +100,8 @@ def _attr_select(lock: str | None) -> Stmt:
 
 
 _GET_ATTR = {lock: _attr_select(lock) for lock in (None, "key_share", "write", "delete")}
+
+
 def _lookup_in_dir(_dialect: str) -> Any:
     """The parent's kind, then the child's Attr columns (NULL when the name is absent): a
     negative lookup — the kernel sends one before every create — answers ENOENT or ENOTDIR

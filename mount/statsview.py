@@ -106,20 +106,14 @@ def line(prev: Snapshot, cur: Snapshot, clock: str | None = None) -> str:
     def delta(a: float, b: float) -> float:
         return b - a if b >= a else b
 
-    cells = []
-    other_n = other_s = 0.0
-    for op in sorted(set(cur.ops) | set(prev.ops)):
+    deltas: dict[str, tuple[float, float]] = {}
+    for op in set(cur.ops) | set(prev.ops):
         n0, s0 = prev.ops.get(op, (0.0, 0.0))
         n1, s1 = cur.ops.get(op, (0.0, 0.0))
-        n, s = delta(n0, n1), delta(s0, s1)
-        if op not in COLUMNS:
-            other_n += n
-            other_s += s
-    for op in COLUMNS:
-        n0, s0 = prev.ops.get(op, (0.0, 0.0))
-        n1, s1 = cur.ops.get(op, (0.0, 0.0))
-        cells.append(_op_cell(delta(n0, n1), delta(s0, s1), dt))
-    cells.append(_op_cell(other_n, other_s, dt))
+        deltas[op] = (delta(n0, n1), delta(s0, s1))
+    other = [v for op, v in deltas.items() if op not in COLUMNS]
+    cells = [_op_cell(*deltas.get(op, (0.0, 0.0)), dt) for op in COLUMNS]
+    cells.append(_op_cell(sum(n for n, _ in other), sum(s for _, s in other), dt))
     hits = delta(prev.cache_hits, cur.cache_hits)
     lookups = hits + delta(prev.cache_misses, cur.cache_misses)
     hit = f"{hits / lookups:.0%}" if lookups else "-"
