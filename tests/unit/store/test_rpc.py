@@ -73,6 +73,32 @@ async def test_a_client_vanishing_mid_request_does_not_disturb_the_server() -> N
         nursery.cancel_scope.cancel()
 
 
+async def test_a_connection_holds_at_most_max_inflight_requests() -> None:
+    """Requests beyond ``max_inflight`` wait unread until one in flight finishes (the
+    server's memory bound per connection); all are answered in the end."""
+    release = trio.Event()
+    inside: list[int] = []
+
+    async def handler(req: Request, started: Started) -> tuple[dict[str, Any], bytes]:
+        started.started()
+        inside.append(req.args["n"])
+        await release.wait()
+        return {"n": req.args["n"]}, b""
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, "127.0.0.1", 0, handler, AUTH, ServerOptions(max_inflight=3))
+        async with ChannelPool(AUTH) as pool:
+            ch = await pool.get(f"127.0.0.1:{port}")
+            pending = [await ch.send("hold", {"n": n}) for n in range(5)]
+            await trio.sleep(0.1)
+            assert inside == [0, 1, 2]
+            release.set()
+            answers = [await ch.wait(p, 5) for p in pending]
+        assert [r["n"] for r, _ in answers] == list(range(5))
+        assert inside == list(range(5))
+        nursery.cancel_scope.cancel()
+
+
 async def test_errors_travel_as_rpc_errors_with_codes() -> None:
     async def handler(req: Request, started: Started) -> tuple[dict[str, Any], bytes]:
         raise RpcError("bad_offset", "nope", length=7)

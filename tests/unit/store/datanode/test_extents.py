@@ -38,11 +38,17 @@ class GatedBackend(FileBackend):
     """The file backend, with writes that can be held at a gate (to order events exactly)."""
 
     gate: threading.Event | None = None
+    sync_gate: threading.Event | None = None  # holds data syncs (commits in the sync thread only)
 
     def write_data(self, extent_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.gate is not None:
             self.gate.wait(timeout=10)
         super().write_data(extent_id, offset, data)
+
+    def sync_data(self, extent_ids: list[int]) -> None:
+        if self.sync_gate is not None:
+            self.sync_gate.wait(timeout=10)
+        super().sync_data(extent_ids)
 
 
 def payload(length: int, seed: int = 0) -> bytes:
@@ -300,6 +306,59 @@ async def test_small_appends_are_written_inline_only_while_the_write_lane_is_idl
         assert store.stats["writes_inline"] == 1
         await assert_reads_verify(store, small + big + other)
         await assert_reads_verify(store, held, extent_id=EXT + 1)
+
+
+async def test_an_append_to_an_idle_device_commits_in_its_own_task(device: Path, backends: list[FileBackend]) -> None:
+    """Nothing else waiting and the device idle: the append makes itself durable without the
+    commit loop (not even running here), and its entries are on disk when it returns."""
+    store = open_store(device, backends)
+    store.recover()
+    await store.create(meta())
+    data = payload(5000, seed=11)
+    with trio.fail_after(10):
+        assert await append(store, 0, data) == len(data)
+    assert store.stats["commits"] == store.stats["commits_inline"] == 1
+    assert store.stat(EXT)["durable"] == len(data)
+    on_disk = store.backend.read_checksums(EXT, 0, 2)
+    verify_blocks(store.backend.read_data(EXT, 0, len(data)), on_disk, 0)
+
+
+async def test_an_append_during_a_commit_waits_for_the_commit_loop(device: Path, backends: list[FileBackend]) -> None:
+    """While the commit loop is flushing a batch in its thread, a small append to the same
+    extent must not commit by itself: its entry for the shared partial block would be
+    overwritten by the older one still being written. It joins the loop's next commit,
+    and the entries on disk then vouch for every byte."""
+    store = open_store(device, backends)
+    store.recover()
+    async with serving(store):
+        await store.create(meta())
+        big = payload(store.inline_write_bytes + 1000, seed=12)  # too big to commit inline
+        small = payload(500, seed=13)  # continues big's last, partial block
+        backend = store.backend
+        assert isinstance(backend, GatedBackend)
+        backend.sync_gate = threading.Event()
+        done: list[int] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(append, store, 0, big)
+                while not store._sync_lane.borrowed_tokens:  # the loop's commit is in its thread
+                    await trio.sleep(0.001)
+
+                async def second() -> None:
+                    done.append(await append(store, len(big), small))
+
+                nursery.start_soon(second)
+                await trio.sleep(0.1)
+                assert not done  # waiting for the commit loop, not committed on its own
+                backend.sync_gate.set()
+        finally:
+            backend.sync_gate.set()
+            backend.sync_gate = None
+        assert done == [len(big) + len(small)]
+        whole = big + small
+        assert store.stat(EXT)["durable"] == len(whole)
+        on_disk = store.backend.read_checksums(EXT, 0, -(-len(whole) // BLOCK_BYTES))
+        verify_blocks(store.backend.read_data(EXT, 0, len(whole)), on_disk, 0)
 
 
 # ---- seal ---------------------------------------------------------------------------------
