@@ -125,14 +125,24 @@ async def _send_locked(lock: trio.Lock, stream: trio.SocketStream, chunks: list[
 
     Uncontended (the common case) the lock is taken without a yield: ``async with lock``
     always yields, and every yield is a trio task switch — with the hand-offs like it, they
-    were most of a DataNode's CPU per small append (docs/benchmarks.md, session 15)."""
+    were most of a DataNode's CPU per small append (docs/benchmarks.md, session 15). A
+    closed stream raises OSError (EBADF) or trio.ClosedResourceError; callers take both."""
     try:
         lock.acquire_nowait()
     except trio.WouldBlock:
         await lock.acquire()
     try:
         for chunk in chunks:
-            await stream.send_all(chunk)
+            # The socket is non-blocking: the kernel takes what fits at once, without the
+            # yield trio's send makes after every send that succeeds. The descriptor is
+            # looked up right before the write (no yield between): another task may have
+            # closed the stream during an earlier chunk's send_all (then it is -1, EBADF).
+            try:
+                sent = os.write(stream.socket.fileno(), chunk)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(chunk):
+                await stream.send_all(memoryview(chunk)[sent:])
     finally:
         lock.release()
 

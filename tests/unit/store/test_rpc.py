@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -43,6 +44,25 @@ async def test_requests_are_started_in_order_and_answered_out_of_order() -> None
             answers = [await ch.wait(p, 5) for p in pending]
         assert seen == [0, 1, 2, 3, 4]
         assert [(r["n"], d) for r, d in answers] == [(n, bytes([n]) * 1000) for n in range(5)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_frames_larger_than_the_socket_buffers_arrive_whole() -> None:
+    """Sends write what the socket takes at once and the rest through trio's send_all: big
+    pipelined frames in both directions come out byte for byte, in order."""
+    async def handler(req: Request, started: Started) -> tuple[dict[str, Any], bytes]:
+        started.started()
+        return {"n": req.args["n"]}, bytes(reversed(req.data))
+
+    payloads = [random.Random(n).randbytes(6 * 1024 * 1024 + n) for n in range(3)]
+    async with trio.open_nursery() as nursery:
+        address = await _server(nursery, handler)
+        async with ChannelPool(AUTH) as pool:
+            ch = await pool.get(address)
+            pending = [await ch.send("echo", {"n": n}, p) for n, p in enumerate(payloads)]
+            answers = [await ch.wait(p, 30) for p in pending]
+        assert [r["n"] for r, _ in answers] == [0, 1, 2]
+        assert [d for _, d in answers] == [bytes(reversed(p)) for p in payloads]
         nursery.cancel_scope.cancel()
 
 
