@@ -151,12 +151,13 @@ async def _send_locked(lock: trio.Lock, stream: trio.SocketStream, chunks: list[
 
 
 class _Pending:
-    __slots__ = ("done", "error", "response")
+    __slots__ = ("done", "error", "on_done", "response")
 
-    def __init__(self) -> None:
+    def __init__(self, on_done: Callable[[_Pending], None] | None = None) -> None:
         self.done = trio.Event()
         self.response: Response | None = None
         self.error: BaseException | None = None
+        self.on_done = on_done  # called in the reader's task when the answer (or failure) lands
 
 
 class Channel:
@@ -173,13 +174,19 @@ class Channel:
         self.broken: BaseException | None = None
 
     async def send(self, op: str, args: dict[str, Any] | None = None,
-                   data: bytes | bytearray | memoryview = b"") -> _Pending:
-        """Write a request now (in call order); await ``wait(pending)`` for its answer."""
+                   data: bytes | bytearray | memoryview = b"",
+                   on_done: Callable[[_Pending], None] | None = None) -> _Pending:
+        """Write a request now (in call order); await ``wait(pending)`` for its answer.
+
+        ``on_done(pending)``, if given, is called once when the answer arrives or the
+        connection fails — synchronously, in the task that noticed (no task switch; see
+        LogStream's replica lanes); it takes the outcome with :meth:`outcome` and must not
+        raise. A failed send also calls it before raising ConnectionLost."""
         if self.broken is not None:
             raise ConnectionLost(f"connection to {self.address} is broken: {self.broken}")
         req_id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
-        pending = _Pending()
+        pending = _Pending(on_done)
         self._pending[req_id] = pending
         chunks = self._conn.send(Request(req_id=req_id, op=op, args=args or {}, data=data))
         try:
@@ -193,6 +200,10 @@ class Channel:
         """Wait for a request's answer; raise RpcError, ConnectionLost or trio.TooSlowError."""
         with trio.fail_after(timeout_s):
             await pending.done.wait()
+        return self.outcome(pending)
+
+    def outcome(self, pending: _Pending) -> tuple[dict[str, Any], bytes]:
+        """The answer of a completed request; raises RpcError or ConnectionLost."""
         if pending.error is not None:
             raise ConnectionLost(f"connection to {self.address} lost: {pending.error}")
         resp = pending.response
@@ -208,10 +219,18 @@ class Channel:
     def _fail(self, exc: BaseException) -> None:
         if self.broken is None:
             self.broken = exc
-        for pending in self._pending.values():
+        failed, self._pending = self._pending, {}
+        for pending in failed.values():
             pending.error = exc
-            pending.done.set()
-        self._pending.clear()
+            self._complete(pending)
+
+    def _complete(self, pending: _Pending) -> None:
+        pending.done.set()
+        if pending.on_done is not None:
+            try:
+                pending.on_done(pending)
+            except Exception:  # a broken callback must not take the connection down
+                log.exception("answer callback for %s failed", self.address)
 
     async def _reader(self) -> None:
         try:
@@ -226,7 +245,7 @@ class Channel:
                 pending = self._pending.pop(event.req_id, None)
                 if pending is not None:
                     pending.response = event
-                    pending.done.set()
+                    self._complete(pending)
         except (ProtocolError, ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             if not isinstance(exc, trio.ClosedResourceError):
                 log.debug("channel to %s ended: %s", self.address, exc)

@@ -46,6 +46,7 @@ class Node:
         self.gone = trio.Event()  # set once the last instance stopped, its worker threads included
         self.gone.set()
         self.kills = 0
+        self.datanode: DataNode | None = None  # the running instance
 
     async def start(self, nursery: trio.Nursery) -> None:
         # Like a process after kill -9, the old instance must be gone entirely: its worker
@@ -58,7 +59,7 @@ class Node:
         store.recover()
         cfg = DataNodeConfig(data=self.root, listen="127.0.0.1:0", metanode=(self.metanode,),
                              secret_file=self.secret, heartbeat_interval_s=0.1)
-        node = DataNode(cfg, auth, ident, store)
+        node = self.datanode = DataNode(cfg, auth, ident, store)
         scope = trio.CancelScope()
         self.scope = scope
         gone = self.gone = trio.Event()
@@ -173,3 +174,39 @@ async def test_ec_writer_coalesces_small_appends_into_shared_stripes(tmp_path: P
                     ends[p.extent_id] = max(ends.get(p.extent_id, 0), p.ext_off + p.length)
             used = sum(ends.values())
             assert used < 0.5 * 400 * 8192, f"{used} bytes of extent space for 1.2 MB: appends were not coalesced"
+
+
+async def test_a_replica_that_stops_answering_is_failed_after_the_append_timeout(tmp_path: Path) -> None:
+    """A DataNode that keeps its connections and heartbeats but never answers appends (a
+    hung disk): the writer fails that replica once ``append_timeout_s`` passes without an
+    answer, seals the extent at what all replicas acknowledged, and resends the rest to a
+    new extent placed on other nodes. Every append reads back."""
+    async with in_process_cluster(tmp_path, 11) as (url, engine, nodes, _nursery):
+        cfg = ClientConfig(append_bytes=64 << 10, window_bytes=1 << 20, append_timeout_s=1.0)
+        async with StoreClient.connect(url, cfg, engine=engine) as client:
+            stream = await client.create_stream("raw", "rep:3")
+            rng = random.Random(11)
+            written = [(await stream.append(data), data) for data in (rng.randbytes(20_000) for _ in range(5))]
+            await stream.flush()
+            ext = stream._extent
+            assert ext is not None
+            held = {r["node_id"] for r in ext.replicas}
+            frozen = next(n for n in nodes if n.datanode is not None and n.datanode.ident.node_id in held)
+            assert frozen.datanode is not None
+            hang = trio.Event()  # never set: appends to this node are never answered
+
+            async def never_answer(*args: object, **kw: object) -> int:
+                await hang.wait()
+                raise AssertionError("unreachable")
+
+            frozen.datanode.store.append = never_answer  # type: ignore[method-assign]
+            written += [(await stream.append(data), data) for data in (rng.randbytes(20_000) for _ in range(5))]
+            with trio.fail_after(60):
+                await stream.close()
+            assert stream.switches >= 1
+            assert frozen.datanode.ident.node_id in ext.failed_nodes
+            for ticket, data in written:
+                pieces = await ticket.wait()
+                assert all(p.extent_id != ext.extent_id or p.ext_off + p.length <= ext.acked for p in pieces)
+                got = b"".join([await client.read(p.extent_id, p.ext_off, p.length) for p in pieces])
+                assert got == data
