@@ -147,6 +147,21 @@ async def _send_locked(lock: trio.Lock, stream: trio.SocketStream, chunks: list[
         lock.release()
 
 
+async def _receive(stream: trio.SocketStream) -> bytes:
+    """The bytes ``stream``'s socket holds now (b"" at end of stream), waiting for some.
+
+    Like ``stream.receive_some`` without its per-call machinery: a successful receive does
+    not yield (trio's does, once per chunk of a large frame), and the attempt is a plain
+    read of the non-blocking socket. The descriptor is looked up at each attempt: a stream
+    closed meanwhile gives EBADF (OSError) or, while waiting, ClosedResourceError."""
+    sock = stream.socket
+    while True:
+        try:
+            return os.read(sock.fileno(), RECV_CHUNK_BYTES)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
 # ---- client ---------------------------------------------------------------------------
 
 
@@ -237,7 +252,7 @@ class Channel:
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
-                    self._conn.receive_data(await self._stream.receive_some(RECV_CHUNK_BYTES))
+                    self._conn.receive_data(await _receive(self._stream))
                     continue
                 if isinstance(event, Closed):
                     raise ConnectionLost("peer closed the connection")
@@ -421,7 +436,7 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, auth: Cl
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
-                    data = await stream.receive_some(RECV_CHUNK_BYTES)
+                    data = await _receive(stream)
                     conn.receive_data(data)
                     continue
                 if isinstance(event, Closed):
