@@ -87,6 +87,12 @@ async def chaos(nodes: list[Node], nursery: trio.Nursery, rng: random.Random, st
         await victim.start(nursery)  # the same directory: it recovers and reconciles
 
 
+async def read_back(client: StoreClient, ticket: object) -> bytes:
+    """The bytes of one acknowledged append, read at the places its ticket names."""
+    pieces = await ticket.wait()  # type: ignore[attr-defined]
+    return b"".join([await client.read(p.extent_id, p.ext_off, p.length) for p in pieces])
+
+
 #: CI runs 6 seeds; APPENDFS_FAULT_SEEDS=200 explores more (a failing seed becomes a fixed case).
 SEEDS = int(os.environ.get("APPENDFS_FAULT_SEEDS", "6"))
 
@@ -147,9 +153,7 @@ async def test_acknowledged_appends_survive_random_datanode_deaths(tmp_path: Pat
             switches = stream.switches
             assert sum(n.kills for n in nodes) >= 2, "the chaos task should have struck during the writes"
             for ticket, data in written:
-                pieces = await ticket.wait()  # type: ignore[attr-defined]
-                got = b"".join([await client.read(p.extent_id, p.ext_off, p.length) for p in pieces])
-                assert got == data
+                assert await read_back(client, ticket) == data
     print(f"{redundancy} seed {seed}: {len(written)} appends, {switches} extent switches after failures")
 
 
@@ -208,5 +212,4 @@ async def test_a_replica_that_stops_answering_is_failed_after_the_append_timeout
             for ticket, data in written:
                 pieces = await ticket.wait()
                 assert all(p.extent_id != ext.extent_id or p.ext_off + p.length <= ext.acked for p in pieces)
-                got = b"".join([await client.read(p.extent_id, p.ext_off, p.length) for p in pieces])
-                assert got == data
+                assert await read_back(client, ticket) == data
