@@ -21,7 +21,7 @@ def _cell_sized(value: int) -> str | None:
 class ClientConfig:
     append_bytes: int = option(1 << 20, "largest single append sent to DataNodes (bytes)", _frame_sized)
     window_bytes: int = option(16 << 20, "unacknowledged bytes buffered per stream (memory bound, backpressure)", positive)
-    append_timeout_s: float = option(15.0, "a replica that does not acknowledge an append within this is failed", positive)
+    append_timeout_s: float = option(15.0, "a replica silent this long while appends wait for it is failed (checked every quarter of it)", positive)
     read_timeout_s: float = option(15.0, "a replica that does not answer a read within this is skipped", positive)
     read_bytes: int = option(4 << 20, "bytes per read request", _frame_sized)
     read_parallel: int = option(4, "read requests in flight for one sequential read", positive)
