@@ -165,10 +165,12 @@ async def _receive(stream: trio.SocketStream) -> bytes:
 # ---- client ---------------------------------------------------------------------------
 
 
-class _Pending:
+class Pending:
+    """One request in flight on a :class:`Channel`: its answer or failure, once done."""
+
     __slots__ = ("done", "error", "on_done", "response")
 
-    def __init__(self, on_done: Callable[[_Pending], None] | None = None) -> None:
+    def __init__(self, on_done: Callable[[Pending], None] | None = None) -> None:
         self.done = trio.Event()
         self.response: Response | None = None
         self.error: BaseException | None = None
@@ -184,13 +186,13 @@ class Channel:
         self._stream = stream
         self._conn = conn
         self._send_lock = trio.Lock()
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
         self._next_id = 1
         self.broken: BaseException | None = None
 
     async def send(self, op: str, args: dict[str, Any] | None = None,
                    data: bytes | bytearray | memoryview = b"",
-                   on_done: Callable[[_Pending], None] | None = None) -> _Pending:
+                   on_done: Callable[[Pending], None] | None = None) -> Pending:
         """Write a request now (in call order); await ``wait(pending)`` for its answer.
 
         ``on_done(pending)``, if given, is called once when the answer arrives or the
@@ -201,7 +203,7 @@ class Channel:
             raise ConnectionLost(f"connection to {self.address} is broken: {self.broken}")
         req_id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
-        pending = _Pending(on_done)
+        pending = Pending(on_done)
         self._pending[req_id] = pending
         chunks = self._conn.send(Request(req_id=req_id, op=op, args=args or {}, data=data))
         try:
@@ -211,13 +213,13 @@ class Channel:
             raise ConnectionLost(f"sending to {self.address} failed: {exc}") from None
         return pending
 
-    async def wait(self, pending: _Pending, timeout_s: float = math.inf) -> tuple[dict[str, Any], bytes]:
+    async def wait(self, pending: Pending, timeout_s: float = math.inf) -> tuple[dict[str, Any], bytes]:
         """Wait for a request's answer; raise RpcError, ConnectionLost or trio.TooSlowError."""
         with trio.fail_after(timeout_s):
             await pending.done.wait()
         return self.outcome(pending)
 
-    def outcome(self, pending: _Pending) -> tuple[dict[str, Any], bytes]:
+    def outcome(self, pending: Pending) -> tuple[dict[str, Any], bytes]:
         """The answer of a completed request; raises RpcError or ConnectionLost."""
         if pending.error is not None:
             raise ConnectionLost(f"connection to {self.address} lost: {pending.error}")
@@ -239,7 +241,7 @@ class Channel:
             pending.error = exc
             self._complete(pending)
 
-    def _complete(self, pending: _Pending) -> None:
+    def _complete(self, pending: Pending) -> None:
         pending.done.set()
         if pending.on_done is not None:
             try:
@@ -309,7 +311,7 @@ async def _next(conn: Connection, stream: trio.SocketStream) -> Any:
             if isinstance(event, Closed):
                 raise ConnectionLost("peer closed during handshake")
             return event
-        conn.receive_data(await stream.receive_some(RECV_CHUNK_BYTES))
+        conn.receive_data(await _receive(stream))
 
 
 class ChannelPool:

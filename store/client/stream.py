@@ -43,7 +43,7 @@ from appendfs.store import ec
 from appendfs.store.client.locator import Piece
 from appendfs.store.codec import checksum
 from appendfs.store.errors import LeaseLost, NoSpace, StoreError, Unavailable
-from appendfs.store.rpc import Channel, ConnectionLost, RpcError
+from appendfs.store.rpc import Channel, ConnectionLost, Pending, RpcError
 
 if TYPE_CHECKING:
     from appendfs.store.client.client import StoreClient
@@ -474,7 +474,7 @@ class LogStream:
         timeout = self.client.cfg.append_timeout_s
         idx = int(rep["idx"])
         node = rep["node_id"]
-        unanswered: set[Any] = set()  # this lane's requests the replica has not answered yet
+        unanswered: set[Pending] = set()  # this lane's requests the replica has not answered yet
         progress = trio.current_time()  # last answer, or the send that found nothing waiting
         live = True  # False once this lane stops or its replica failed: later answers are ignored
 
@@ -484,7 +484,7 @@ class LogStream:
                 live = False
                 self._fail_extent(ext, f"replica on {node}: {reason}", node)
 
-        def answered(op: _Op, pending: Any) -> None:
+        def answered(op: _Op, pending: Pending) -> None:
             nonlocal progress
             unanswered.discard(pending)
             if not live:
