@@ -18,6 +18,11 @@ Phases of each file-system target (fio ``--ioengine=psync --iodepth=1``, JSON ou
 1. sequential write of ``--size-gib`` in 1 MiB blocks, buffered, ``--end_fsync=1`` (fio's
    bandwidth includes the final fsync);
 2. sequential read of that file, 1 MiB blocks, buffered (cold: caches dropped);
+   for appendfs rep:1, when the store target ran, the same bytes by both readers next:
+   the store client reads the fio file's extents twice, then fio reads the file through
+   the mount once more — mount, store, store, mount — and a last check compares the
+   means. This VM's disk drifts within seconds and the store target's own stream lies
+   elsewhere on it; this comparison takes both out and leaves what the mount adds;
 3. 4 KiB random reads of that file at queue depth 1 for ``--rand-s`` seconds, with
    ``--direct=1`` when the target accepts O_DIRECT (probed on the file), else buffered —
    the table says which;
@@ -70,6 +75,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import store_bench as sb  # bench/ holds scripts, not a package
+
+from appendfs.store.client import ClientConfig, StoreClient
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -278,6 +285,16 @@ def fio(name: str, path: Path, rw: str, size_mib: int, *extra: str, timeout_s: f
     return result
 
 
+async def read_pieces(meta_url: str, pieces: list[tuple[int, int, int]]) -> int:
+    """Read (extent, offset, length) pieces in order with the store client (it verifies
+    every block's checksum); return the bytes read."""
+    size = 0
+    async with StoreClient.connect(meta_url, ClientConfig()) as client:
+        async for chunk in client.read_pieces(pieces):
+            size += len(chunk)
+    return size
+
+
 def direct_ok(path: Path) -> bool:
     """Whether ``path`` can be opened with O_DIRECT and read 4 KiB that way."""
     try:
@@ -354,6 +371,7 @@ class Row:
     others: list[float] = field(default_factory=list)  # % of a core, per phase
     errors: list[str] = field(default_factory=list)
     fs_target: bool = True  # False for the store client (no fio, no small files)
+    reads: list[float] = field(default_factory=list)  # every seq read of the fio file, MiB/s
     # threads -> FUSE op -> handler ms per file, from the mount's /metrics (appendfs only)
     file_ops: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -376,6 +394,25 @@ def results_table(rows: list[Row], threads: list[int], size_mib: int, rand_s: in
                  fmt(r.rss_mib), f"{max(r.others):.0f}%" if r.others else "—"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+@dataclass
+class SameBytes:
+    """Reads of appendfs rep:1's fio file, MiB/s: the mount's (its seq read, then once more
+    at the end) and the store client's (two, in between). See :meth:`Bench.same_bytes`."""
+
+    mount: list[float] = field(default_factory=list)
+    store: list[float] = field(default_factory=list)
+
+    def table(self) -> str:
+        if len(self.mount) < 2 or not self.store:
+            return ""
+        order = [("appendfs rep:1 (fio, through the mount)", self.mount[0]),
+                 *[("store rep:1 client (4 MiB reads, 4 in flight)", v) for v in self.store],
+                 ("appendfs rep:1 (fio, through the mount)", self.mount[1])]
+        out = ["| # | reader of appendfs rep:1's fio file | MiB/s |", "|---:|---|---:|"]
+        out += [f"| {i} | {who} | {v:,.0f} |" for i, (who, v) in enumerate(order, 1)]
+        return "\n".join(out)
 
 
 #: The FUSE requests the kernel sends for one file created, written and closed.
@@ -410,7 +447,7 @@ def file_ops_table(rows: list[Row], threads: list[int]) -> str:
     return "\n".join(out) if len(out) > 2 else ""
 
 
-def ratios_table(rows: dict[str, Row], threads: list[int]) -> str:
+def ratios_table(rows: dict[str, Row], threads: list[int], same: SameBytes | None = None) -> str:
     out = ["| check | measured | against | ratio | target | verdict |", "|---|---:|---:|---:|---:|---|"]
 
     def ratio(label: str, num: float | None, den: float | None, target: float, unit: str,
@@ -440,6 +477,11 @@ def ratios_table(rows: dict[str, Row], threads: list[int]) -> str:
         if local is not None and local.read is not None and store.read is not None and store.read > local.read:
             note = f" (the store client read more than the local directory: {local.read:,.0f} MiB/s)"
         ratio("appendfs rep:1 seq read / store rep:1 client read", a1.read, store.read, 0.8, "MiB/s", note)
+        if same is not None and len(same.mount) >= 2 and same.store:
+            # The same bytes at the same places on the disk, read in the order mount, store,
+            # store, mount: what the mount adds, with the disk's drift taken out.
+            ratio("appendfs rep:1 seq read / store rep:1 client read, the same file (means)",
+                  sum(same.mount) / len(same.mount), sum(same.store) / len(same.store), 0.8, "MiB/s")
     if a1 is not None and pt is not None:
         ratio("appendfs rep:1 seq write / passthrough", a1.write, pt.write, 0.6, "MiB/s")
         ratio("appendfs rep:1 seq read / passthrough", a1.read, pt.read, 0.6, "MiB/s")
@@ -474,6 +516,7 @@ class Bench:
         self.cluster: sb.Cluster | None = None
         self.busy = Busy(self._our_pids)
         self.rows: dict[str, Row] = {}
+        self.same = SameBytes()
 
     def _our_pids(self) -> list[int]:
         pids = [f.pid for f in self.fuse if f.popen is not None and f.popen.poll() is None]
@@ -494,7 +537,8 @@ class Bench:
             progress(f"{row.name}: {what}: FAILED: {msg}")
 
     def fs_target(self, key: str, name: str, where: Path, fuse_pid: int | None,
-                  metrics_port: int | None = None) -> Row:
+                  metrics_port: int | None = None,
+                  after_read: Callable[[Path, Callable[[], str]], None] | None = None) -> Row:
         row = self.rows[key] = Row(name)
         where.mkdir(parents=True, exist_ok=True)
         if fuse_pid is not None:
@@ -508,8 +552,10 @@ class Bench:
             return f"{row.write:,.0f} MiB/s"
 
         def read() -> str:
-            row.read = fio("seqread", data, "read", self.size_mib, "--bs=1M", timeout_s=seq_timeout)["bw_bytes"] / MIB
-            return f"{row.read:,.0f} MiB/s"
+            rate = fio("seqread", data, "read", self.size_mib, "--bs=1M", timeout_s=seq_timeout)["bw_bytes"] / MIB
+            row.reads.append(rate)
+            row.read = row.reads[0]  # the checks use the first; later ones are for same_bytes
+            return f"{rate:,.0f} MiB/s"
 
         def randread() -> str:
             direct = direct_ok(data)
@@ -522,6 +568,8 @@ class Bench:
         self._phase(row, "seq write", write)
         if data.exists():
             self._phase(row, "seq read", read)
+            if after_read is not None and row.read is not None:
+                after_read(data, read)
             self._phase(row, "4k randread", randread)
             with contextlib.suppress(OSError):
                 data.unlink()
@@ -561,6 +609,39 @@ class Bench:
         self._phase(row, "1 MiB appends, close", write)
         if pieces:
             self._phase(row, "read back (verified)", read)
+
+    def same_bytes(self, c: sb.Cluster, volume_path: str, mount_read: Callable[[], str]) -> None:
+        """Right after appendfs rep:1's seq read: the store client reads the same file's
+        extents twice (its own 4 MiB requests, 4 in flight), then fio reads the file through
+        the mount once more. Mount, store, store, mount: the same bytes at the same places
+        on the disk, each reader once early and once late, so a disk whose speed drifts
+        within seconds (this VM's does) favours neither. Caches are dropped before each."""
+        from appendfs.meta.client import Meta
+
+        row = self.rows["store"]
+        device = sb.block_device(self.root)
+        meta = Meta.from_url(c.meta_url)
+        try:
+            attr = meta.resolve_path(volume_path)
+            segments = meta.read_map(attr.ino, 0, attr.size)
+        finally:
+            meta.close()
+        if any(s.extent_id is None for s in segments):
+            raise PhaseError(f"{volume_path} has holes")
+        pieces = [(s.extent_id, s.ext_off, s.length) for s in segments]
+
+        def read() -> str:
+            phase, size = sb.measure(c, "rep1-file-read", read_pieces, c.meta_url, pieces, device=device)
+            if size != attr.size:
+                raise PhaseError(f"read {size} bytes of {volume_path}'s {attr.size}")
+            self.same.store.append(size / MIB / phase.seconds)
+            return f"{self.same.store[-1]:,.0f} MiB/s"
+
+        mount = self.rows["rep1"]
+        for _ in range(2):
+            self._phase(row, f"read of {volume_path} (the bytes appendfs rep:1 just read)", read)
+        self._phase(mount, "seq read again (after the store client's two)", mount_read)
+        self.same.mount = list(mount.reads)
 
     def run(self) -> None:
         want = set(self.args.targets)
@@ -615,7 +696,11 @@ class Bench:
             where.mkdir()
             os.setxattr(where, POLICY_XATTR, policy.encode())  # new files and directories below inherit it
             progress(f"target appendfs {policy} ({where}, {POLICY_XATTR}={policy})")
-            self.fs_target(key, f"appendfs {policy}", where, afs.pid, metrics_port)
+            same = None
+            if key == "rep1" and "store" in self.rows and self.rows["store"].read is not None:
+                def same(data: Path, mount_read: Callable[[], str]) -> None:
+                    self.same_bytes(c, "/" + str(data.relative_to(afs.mountpoint)), mount_read)
+            self.fs_target(key, f"appendfs {policy}", where, afs.pid, metrics_port, after_read=same)
             if afs.popen is not None and afs.popen.poll() is not None:
                 self.rows[key].errors.append(f"the mount process exited with {afs.popen.returncode}")
                 progress(f"appendfs mount exited with {afs.popen.returncode}:\n{afs.tail()}")
@@ -697,7 +782,12 @@ def main() -> None:
     print()
     print(results_table(rows, args.threads, bench.size_mib, args.rand_s, args.files))
     print()
-    print(ratios_table(bench.rows, args.threads))
+    print(ratios_table(bench.rows, args.threads, bench.same))
+    same = bench.same.table()
+    if same:
+        print("\nThe same bytes read by the mount and by the store client, in this order (caches dropped "
+              "before each; the last check above compares the means):\n")
+        print(same)
     ops = file_ops_table(rows, args.threads)
     if ops:
         print("\nSmall files inside the mount: each FUSE handler's time, ms per file (from the mount's "
