@@ -347,7 +347,7 @@ def _pack_header(code: int, k: int, m: int, index: int, cell_bytes: int, extent_
     return head + _DIGEST.pack(_xxh3(head))
 
 
-def parse_header(layout: Layout, record: bytes | memoryview) -> StripeHeader:
+def parse_header(layout: Layout, record: bytes | bytearray | memoryview) -> StripeHeader:
     """The header at the start of ``record``; CorruptFragment (index/stripe -1) if invalid."""
     hb = layout.header_bytes
     buf = bytes(record[:hb])

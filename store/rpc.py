@@ -40,13 +40,16 @@ from appendfs.store.wire import (
     Response,
     Role,
 )
-from appendfs.store.wire.protocol import NONCE_BYTES
+from appendfs.store.wire.protocol import DIRECT_DATA_BYTES, NONCE_BYTES
 
 log = logging.getLogger(__name__)
 
 #: Error codes after which the same request may succeed later.
 TEMPORARY_CODES = frozenset({"not_leader", "unavailable", "recovering", "busy", "timeout", "no_leader"})
-RECV_CHUNK_BYTES = 4 * 1024 * 1024
+#: The most one read of a socket takes into the connection's byte buffer: many small
+#: frames, or the head of a large one, whose data then goes straight into its own buffer
+#: (Connection.receive_buffer). Larger reads would take whole large frames the copying way.
+RECV_CHUNK_BYTES = DIRECT_DATA_BYTES
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,28 @@ async def _send_locked(lock: trio.Lock, stream: trio.SocketStream, chunks: list[
         lock.release()
 
 
+async def _feed(conn: Connection, stream: trio.SocketStream) -> None:
+    """Give ``conn`` what the socket holds now, waiting for some: into the data buffer of
+    a large frame when the connection names one (no copy), else through receive_data."""
+    view = conn.receive_buffer()
+    if view is None:
+        conn.receive_data(await _receive(stream))
+        return
+    with view:
+        n = await _receive_into(stream, view)
+    conn.received_into(n)
+
+
+async def _receive_into(stream: trio.SocketStream, view: memoryview) -> int:
+    """:func:`_receive` into ``view``: the number of bytes received (0 at end of stream)."""
+    sock = stream.socket
+    while True:
+        try:
+            return os.readv(sock.fileno(), [view])
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
 async def _receive(stream: trio.SocketStream) -> bytes:
     """The bytes ``stream``'s socket holds now (b"" at end of stream), waiting for some.
 
@@ -213,24 +238,27 @@ class Channel:
             raise ConnectionLost(f"sending to {self.address} failed: {exc}") from None
         return pending
 
-    async def wait(self, pending: Pending, timeout_s: float = math.inf) -> tuple[dict[str, Any], bytes]:
+    async def wait(self, pending: Pending, timeout_s: float = math.inf) -> tuple[dict[str, Any], bytes | bytearray]:
         """Wait for a request's answer; raise RpcError, ConnectionLost or trio.TooSlowError."""
         with trio.fail_after(timeout_s):
             await pending.done.wait()
         return self.outcome(pending)
 
-    def outcome(self, pending: Pending) -> tuple[dict[str, Any], bytes]:
-        """The answer of a completed request; raises RpcError or ConnectionLost."""
+    def outcome(self, pending: Pending) -> tuple[dict[str, Any], bytes | bytearray]:
+        """The answer of a completed request; raises RpcError or ConnectionLost. Large data
+        comes as the bytearray the connection received it into (no copy)."""
         if pending.error is not None:
             raise ConnectionLost(f"connection to {self.address} lost: {pending.error}")
         resp = pending.response
         assert resp is not None
         if resp.error is not None:
             raise RpcError.from_wire(resp.error)
-        return resp.result, bytes(resp.data) if not isinstance(resp.data, bytes) else resp.data
+        data = resp.data
+        return resp.result, bytes(data) if isinstance(data, memoryview) else data
 
     async def call(self, op: str, args: dict[str, Any] | None = None,
-                   data: bytes | bytearray | memoryview = b"", timeout_s: float = math.inf) -> tuple[dict[str, Any], bytes]:
+                   data: bytes | bytearray | memoryview = b"",
+                   timeout_s: float = math.inf) -> tuple[dict[str, Any], bytes | bytearray]:
         return await self.wait(await self.send(op, args, data), timeout_s)
 
     def _fail(self, exc: BaseException) -> None:
@@ -254,7 +282,7 @@ class Channel:
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
-                    self._conn.receive_data(await _receive(self._stream))
+                    await _feed(self._conn, self._stream)
                     continue
                 if isinstance(event, Closed):
                     raise ConnectionLost("peer closed the connection")
@@ -311,7 +339,7 @@ async def _next(conn: Connection, stream: trio.SocketStream) -> Any:
             if isinstance(event, Closed):
                 raise ConnectionLost("peer closed during handshake")
             return event
-        conn.receive_data(await _receive(stream))
+        await _feed(conn, stream)
 
 
 class ChannelPool:
@@ -438,8 +466,7 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, auth: Cl
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
-                    data = await _receive(stream)
-                    conn.receive_data(data)
+                    await _feed(conn, stream)
                     continue
                 if isinstance(event, Closed):
                     break

@@ -36,7 +36,6 @@ hot 4 KiB random reads keep the page cache.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import logging
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import trio
 
+from appendfs.store.buffers import ALIGN, address_of, new_bytearray
 from appendfs.store.codec import BLOCK_BYTES, ENTRY_BYTES, BlockError, verify_blocks
 from appendfs.store.datanode.backend import META_FORMAT_VERSION
 
@@ -53,16 +53,7 @@ log = logging.getLogger(__name__)
 _FDS_MAX = 256  # open extents (two descriptors each)
 _RETRY_S = 30.0  # a DataNode that did not answer the ping is asked again after this
 _Files = tuple[int, int, int, int]  # data and checksum descriptors; the copy record's index, sealed length
-_ALIGN = 4096  # O_DIRECT offset, length and buffer alignment (BLOCK_BYTES is a multiple of it)
-assert BLOCK_BYTES % _ALIGN == 0
-
-# ``bytearray(n)`` zeroes its n bytes: for a 2 MiB block that memset was ~6% of the
-# mount's CPU in a cold sequential read (perf), all of it under the GIL, for bytes the
-# read overwrites at once. CPython's own constructor with a NULL source leaves them as
-# malloc returned them; every byte a caller can see is one the read filled (below).
-_new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
-_new_bytearray.restype = ctypes.py_object
-_new_bytearray.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+assert BLOCK_BYTES % ALIGN == 0
 
 
 class LocalReads:
@@ -223,10 +214,8 @@ def _read_direct(dat: int, ents: int, start: int, want: int, count: int, skip: i
     window of a new bytearray, verified, and returned without a copy when the caller wants
     exactly those bytes (a sequential reader does)."""
     span = count * BLOCK_BYTES  # whole blocks: the last one may end past EOF (a short read)
-    buf: bytearray = _new_bytearray(None, span + _ALIGN)  # not zeroed: only read bytes are returned
-    window = (ctypes.c_char * len(buf)).from_buffer(buf)
-    pad = -ctypes.addressof(window) % _ALIGN
-    del window  # the export would keep buf from being resized below
+    buf = new_bytearray(span + ALIGN)  # not zeroed: only read bytes are returned
+    pad = -address_of(buf) % ALIGN
     with memoryview(buf) as whole, whole[pad:pad + span] as view:
         got = os.preadv(dat, [view], start)
         if min(got, want) < skip + length:

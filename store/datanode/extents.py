@@ -322,7 +322,7 @@ class ExtentStore:
         await trio.to_thread.run_sync(self.backend.create, meta, limiter=self._write_lane)
         self._extents[meta.extent_id] = _Extent(meta, 0, 0, 0)
 
-    async def append(self, extent_id: int, offset: int, data: bytes, digest: int, started: Any) -> int:
+    async def append(self, extent_id: int, offset: int, data: bytes | bytearray, digest: int, started: Any) -> int:
         """Append ``data`` at ``offset`` (must be the current end); return the new length once durable."""
         ext = self._get(extent_id)
         if ext.sealed or ext.sealing:
@@ -389,7 +389,7 @@ class ExtentStore:
         self._appended_since_check += n
         return True
 
-    def _timed_write(self, extent_id: int, offset: int, data: bytes) -> None:
+    def _timed_write(self, extent_id: int, offset: int, data: bytes | bytearray) -> None:
         t0 = time.perf_counter()
         self.backend.write_data(extent_id, offset, data)
         self.stats["write_seconds"] += time.perf_counter() - t0

@@ -16,6 +16,9 @@ and tests can fill a device without filling the disk).
 Data is written with O_DIRECT (``direct_io``, the default) from a reused page-aligned
 staging buffer: whole 4 KiB blocks, the partial edge blocks completed from the bytes
 already there (the block at the logical end is kept in memory, so an append never reads).
+An append of whole blocks at a block boundary whose bytes already sit in a page-aligned
+buffer — a large append as the wire protocol receives it (``store/buffers.py``) — is
+written from there, without the staging copy.
 Buffered writes made every append copy into the page cache and then stall in the
 kernel's dirty-page throttling; profiles showed that write lane as the bottleneck
 (docs/benchmarks.md). The file may then extend past the logical end with zeros up to the
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appendfs.errors import VersionMismatch
+from appendfs.store.buffers import ALIGN, is_aligned
 from appendfs.store.codec import ENTRY_BYTES
 from appendfs.store.datanode.backend import (
     META_FORMAT_VERSION,
@@ -49,7 +53,7 @@ from appendfs.store.datanode.backend import (
 _MAX_OPEN_EXTENTS = 256
 _SUM_PREWRITE_BYTES = 256 * 1024  # entries of a 64 MiB extent
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
-_ALIGN = 4096  # O_DIRECT offset/length/buffer alignment (>= the device's logical block size)
+_ALIGN = ALIGN  # O_DIRECT offset/length/buffer alignment (>= the device's logical block size)
 
 
 @dataclass(eq=False)
@@ -222,6 +226,16 @@ class FileBackend(Backend):
         end = offset + len(data)
         stop = -(-end // _ALIGN) * _ALIGN
         new_end = max(known, end)
+        if start == offset and stop == end and is_aligned(data):
+            # Whole blocks from a page-aligned buffer (a large append as the wire protocol
+            # receives it): the device reads them where they are, no staging copy.
+            with self._using(extent_id, "dio") as fd:
+                written = os.pwrite(fd, data, start)
+            if written != stop - start:
+                raise BackendError(f"short direct write on extent {extent_id}: {written} of {stop - start}")
+            if new_end == end:
+                self._tails[extent_id] = b""
+            return
         with self._staging_lock:
             buf = self._staging
             if buf is None or len(buf) < stop - start:

@@ -296,7 +296,7 @@ class Rebuilder:
 
     # ---- reading sources --------------------------------------------------------------
 
-    async def _read(self, run: _Run, src: Source, offset: int, length: int) -> bytes:
+    async def _read(self, run: _Run, src: Source, offset: int, length: int) -> bytes | bytearray:
         """[offset, offset+length) of the extent on ``src``, verified against its block entries."""
         await run.bucket.acquire(length)
         ch = await self.pool.get(src.address)
@@ -318,14 +318,14 @@ class Rebuilder:
         if isinstance(exc, BlockError | ec.CorruptFragment) and self.report_bad is not None:
             self.report_bad(run.job.read_id, src.node_id, f"rebuild on another node read: {why}")
 
-    async def _append(self, run: _Run, offset: int, data: bytes) -> None:
+    async def _append(self, run: _Run, offset: int, data: bytes | bytearray) -> None:
         assert isinstance(run.job, RebuildJob)
         await self.store.append(run.job.extent_id, offset, data, checksum(data), _Started())
 
     # ---- copy -------------------------------------------------------------------------
 
     async def _copy(self, run: _Run, sources: list[Source], start: int, end: int,
-                    check: Callable[[int, bytes], None] | None) -> None:
+                    check: Callable[[int, bytes | bytearray], None] | None) -> None:
         """Copy [start, end) from any of ``sources``; ``check(offset, data)`` may refuse bytes
         (raising CorruptFragment). _Failed when no source delivers a chunk."""
         off = start
@@ -379,14 +379,14 @@ class Rebuilder:
             await self._append(run, start, await self._reconstruct(run, others, first, count))
             first += count
 
-    def _record_check(self, run: _Run) -> Callable[[int, bytes], None]:
+    def _record_check(self, run: _Run) -> Callable[[int, bytes | bytearray], None]:
         """Refuse a copied run of records unless each is fragment ``index``'s record of its stripe."""
         job = run.job
         assert isinstance(job, RebuildJob)
         layout = job.layout
         assert layout is not None
 
-        def check(offset: int, data: bytes) -> None:
+        def check(offset: int, data: bytes | bytearray) -> None:
             rb = layout.record_bytes
             stripe0 = offset // rb
             for j in range(len(data) // rb):
@@ -420,7 +420,7 @@ class Rebuilder:
                 self._failed(run, src, start, exc)
                 return
             if src.idx not in records:
-                records[src.idx], holder[src.idx] = data, src
+                records[src.idx], holder[src.idx] = bytes(data), src  # (the decoder wants bytes)
 
         while True:
             need = layout.k - len(records)
@@ -537,7 +537,8 @@ class Transcoder:
         sources = list(run.job.sources)
         for src in run.ranked(sources):
             try:
-                return await self.r._read(run, src, offset, length)
+                data = await self.r._read(run, src, offset, length)
+                return data if isinstance(data, bytes) else bytes(data)  # (the encoder wants bytes)
             except _SOURCE_ERRORS as exc:
                 self.r._failed(run, src, offset, exc)
         raise _Failed(f"no replica returned verified bytes for [{offset}, {offset + length}): {run.why(sources)}")

@@ -99,8 +99,9 @@ class DataNode:
         a = req.args
         try:
             if req.op == "append":
-                length = await self.store.append(int(a["extent_id"]), int(a["offset"]), bytes(req.data),
-                                                 int(a["xxh3"]), started)
+                data = req.data if not isinstance(req.data, memoryview) else bytes(req.data)
+                # (a large append arrives in a page-aligned bytearray: written from there)
+                length = await self.store.append(int(a["extent_id"]), int(a["offset"]), data, int(a["xxh3"]), started)
                 return {"length": length}, b""
             started.started()
             if req.op == "read":

@@ -32,6 +32,8 @@ from typing import Any, Final
 
 import msgpack
 
+from appendfs.store.buffers import aligned_bytearray
+
 WIRE_VERSION: Final = 1
 MAGIC: Final = b"AF"
 _FRAME = struct.Struct(">2sBBIII")
@@ -40,6 +42,11 @@ MAX_HEADER_BYTES: Final = 64 * 1024
 #: Default bound of a frame's bulk data: a 16 MiB append or read plus nothing else.
 DEFAULT_MAX_DATA_BYTES: Final = 16 * 1024 * 1024
 NONCE_BYTES: Final = 32
+#: Frames carrying at least this much data, once the connection is authenticated, are
+#: received straight into a buffer of their own (:meth:`Connection.receive_buffer`): the
+#: kernel fills it and it becomes the event's data, no copy in between. Smaller ones go
+#: through the connection's byte buffer (two copies each: cheap at this size).
+DIRECT_DATA_BYTES: Final = 64 * 1024
 
 
 class Kind(enum.IntEnum):
@@ -144,6 +151,11 @@ class Connection:
         self.node = node
         self.max_data_bytes = max_data_bytes
         self._buf = bytearray()
+        # A frame whose data is being received into a buffer of its own: (kind, req_id,
+        # header), the data buffer (page-aligned, not zeroed) and how much of it is filled.
+        self._direct_head: tuple[int, int, dict[str, Any]] | None = None
+        self._data: bytearray | None = None
+        self._filled = 0
         self._state = _State.START
         self._peer_closed = False
         self.peer_node = ""
@@ -187,16 +199,45 @@ class Connection:
     # ---- receiving --------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes read from the socket; b"" means the peer closed."""
+        """Feed bytes read from the socket; b"" means the peer closed. (While
+        :meth:`receive_buffer` names a buffer, receiving into it saves copying there.)"""
         if not data:
             self._peer_closed = True
-        else:
-            self._buf += data
+            return
+        if self._data is not None:
+            take = min(len(data), len(self._data) - self._filled)
+            with memoryview(data) as view:
+                self._data[self._filled:self._filled + take] = view[:take]
+                self._filled += take
+                if take < len(view):
+                    self._buf += view[take:]
+            return
+        self._buf += data
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where the next bytes from the socket go, when not to :meth:`receive_data`: the
+        unfilled rest of a large frame's data (a writable view; release it before the
+        next :meth:`next_event`). Receive into it, then report with :meth:`received_into`.
+        Never more than the frame needs, so nothing of the next frame lands in it."""
+        if self._data is None or self._filled == len(self._data):
+            return None
+        return memoryview(self._data)[self._filled:]
+
+    def received_into(self, n: int) -> None:
+        """``n`` bytes were received into the view :meth:`receive_buffer` returned; 0
+        means the peer closed."""
+        if self._data is None or not 0 <= n <= len(self._data) - self._filled:
+            raise RuntimeError(f"received_into({n}) without a receive_buffer() of that size")
+        if n == 0:
+            self._peer_closed = True
+        self._filled += n
 
     def next_event(self) -> Event | _NeedData:
         """Parse the next complete frame into an event, or return NEED_DATA."""
         if self._state is _State.CLOSED:
             return Closed()
+        if self._data is not None:
+            return self._direct_event()
         buf = self._buf
         if len(buf) < FRAME_HEADER_BYTES:
             return self._need_more(bool(buf))
@@ -211,20 +252,50 @@ class Connection:
             raise ProtocolError(f"data length {dlen} exceeds {self.max_data_bytes}")
         total = FRAME_HEADER_BYTES + hlen + dlen
         if len(buf) < total:
+            if dlen >= DIRECT_DATA_BYTES and self._state is _State.READY and len(buf) >= FRAME_HEADER_BYTES + hlen:
+                self._start_direct(kind, req_id, self._header(buf, hlen), FRAME_HEADER_BYTES + hlen, dlen)
             return self._need_more(True)
-        try:
-            head = msgpack.unpackb(bytes(buf[FRAME_HEADER_BYTES:FRAME_HEADER_BYTES + hlen]), raw=False)
-        except Exception as exc:  # msgpack raises several unrelated types on garbage
-            raise ProtocolError(f"undecodable header: {exc.__class__.__name__}") from None
-        if not isinstance(head, dict):
-            raise ProtocolError("header is not a map")
-        data = b""
+        head = self._header(buf, hlen)
+        data: bytes | bytearray = b""
         if dlen:
             # One copy, through a view: bytes(buf[a:b]) would copy twice, via a fresh
             # multi-MiB bytearray whose pages must be faulted in (bench/store_bench.py).
             with memoryview(buf) as view:
                 data = bytes(view[FRAME_HEADER_BYTES + hlen:total])
         del buf[:total]
+        return self._checked_dispatch(kind, req_id, head, data)
+
+    @staticmethod
+    def _header(buf: bytearray, hlen: int) -> dict[str, Any]:
+        try:
+            head = msgpack.unpackb(bytes(buf[FRAME_HEADER_BYTES:FRAME_HEADER_BYTES + hlen]), raw=False)
+        except Exception as exc:  # msgpack raises several unrelated types on garbage
+            raise ProtocolError(f"undecodable header: {exc.__class__.__name__}") from None
+        if not isinstance(head, dict):
+            raise ProtocolError("header is not a map")
+        return head
+
+    def _start_direct(self, kind: int, req_id: int, head: dict[str, Any], data_at: int, dlen: int) -> None:
+        """The frame's header is here, most of its data is not: move what came of the data
+        into a buffer of its own (the byte buffer holds nothing beyond this frame, which
+        is incomplete) and receive the rest straight into it."""
+        data = aligned_bytearray(dlen)
+        have = len(self._buf) - data_at
+        with memoryview(self._buf) as view:
+            data[:have] = view[data_at:]
+        self._buf.clear()
+        self._direct_head, self._data, self._filled = (kind, req_id, head), data, have
+
+    def _direct_event(self) -> Event | _NeedData:
+        assert self._data is not None and self._direct_head is not None
+        if self._filled < len(self._data):
+            return self._need_more(True)
+        (kind, req_id, head), data = self._direct_head, self._data
+        self._direct_head, self._data, self._filled = None, None, 0
+        return self._checked_dispatch(kind, req_id, head, data)
+
+    def _checked_dispatch(self, kind: int, req_id: int, head: dict[str, Any],
+                          data: bytes | bytearray) -> Event | _NeedData:
         try:
             return self._dispatch(Kind(kind), req_id, head, data)
         except ValueError:
@@ -240,12 +311,12 @@ class Connection:
             return Closed()
         return NEED_DATA
 
-    def _dispatch(self, kind: Kind, req_id: int, head: dict[str, Any], data: bytes) -> Event | _NeedData:
+    def _dispatch(self, kind: Kind, req_id: int, head: dict[str, Any], data: bytes | bytearray) -> Event | _NeedData:
         if self.role is Role.CLIENT:
             return self._client_event(kind, req_id, head, data)
         return self._server_event(kind, req_id, head, data)
 
-    def _client_event(self, kind: Kind, req_id: int, head: dict[str, Any], data: bytes) -> Event | _NeedData:
+    def _client_event(self, kind: Kind, req_id: int, head: dict[str, Any], data: bytes | bytearray) -> Event | _NeedData:
         if self._state is _State.START:
             if kind is not Kind.HELLO:
                 raise ProtocolError(f"expected HELLO, got {kind.name}")
@@ -277,7 +348,7 @@ class Connection:
         mac = _mac(self._secret, b"appendfs-c", self._peer_nonce, self._nonce)
         return self._frame(Kind.AUTH, 0, {"cluster_id": self.cluster_id, "nonce": self._nonce, "mac": mac})
 
-    def _server_event(self, kind: Kind, req_id: int, head: dict[str, Any], data: bytes) -> Event | _NeedData:
+    def _server_event(self, kind: Kind, req_id: int, head: dict[str, Any], data: bytes | bytearray) -> Event | _NeedData:
         if self._state is _State.START:
             raise ProtocolError("server must send HELLO first")
         if self._state is _State.AUTHING:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from appendfs.store.buffers import ALIGN, address_of
 from appendfs.store.wire import (
     NEED_DATA,
     WIRE_VERSION,
@@ -23,7 +24,12 @@ from appendfs.store.wire import (
     Response,
     Role,
 )
-from appendfs.store.wire.protocol import FRAME_HEADER_BYTES, MAX_HEADER_BYTES, Kind
+from appendfs.store.wire.protocol import (
+    DIRECT_DATA_BYTES,
+    FRAME_HEADER_BYTES,
+    MAX_HEADER_BYTES,
+    Kind,
+)
 
 CLUSTER = "c-0001"
 SECRET = b"cluster secret"
@@ -289,6 +295,98 @@ def test_pipelined_frames_split_anywhere(sizes: list[int], data: st.DataObject) 
         while (event := server.next_event()) is not NEED_DATA:
             got.append(event)
     assert got == requests
+
+
+def pump(conn: Connection, stream: bytes, reads: list[int]) -> list[object]:
+    """Deliver ``stream`` as an I/O layer does: into the connection's data buffer when it
+    names one, else through receive_data; each read at most the next size of ``reads``
+    (cycled). Returns the events in order."""
+    got: list[object] = []
+    at, i = 0, 0
+    while True:
+        while (event := conn.next_event()) is not NEED_DATA:
+            got.append(event)
+        if at == len(stream):
+            return got
+        n = reads[i % len(reads)]
+        i += 1
+        view = conn.receive_buffer()
+        if view is None:
+            conn.receive_data(stream[at:at + n])
+            at = min(len(stream), at + n)
+            continue
+        with view:
+            k = min(n, len(view), len(stream) - at)
+            view[:k] = stream[at:at + k]
+        conn.received_into(k)
+        at += k
+
+
+@given(st.lists(st.integers(0, 3 * DIRECT_DATA_BYTES), min_size=1, max_size=5),
+       st.lists(st.integers(1, 2 * DIRECT_DATA_BYTES), min_size=1, max_size=4))
+@settings(max_examples=40, deadline=None)
+def test_large_frames_received_into_their_own_buffer_arrive_whole(sizes: list[int], reads: list[int]) -> None:
+    """Small and large frames back to back, read in any sizes, through the data buffers the
+    connection names: the same events as fed whole; no buffer ever takes bytes of the
+    next frame; a large frame's data is the page-aligned buffer it was received into."""
+    server, client = ready_pair(max_data_bytes=4 * DIRECT_DATA_BYTES)
+    requests = [Request(i, "append", {"n": n}, bytes([i % 251]) * n) for i, n in enumerate(sizes)]
+    stream = b"".join(bytes(c) for r in requests for c in client.send(r))
+    got = pump(server, stream, reads)
+    assert got == requests
+    for r in got:
+        assert isinstance(r, Request)
+        if len(r.data) > ALIGN and isinstance(r.data, bytearray):
+            assert address_of(r.data) % ALIGN == 0
+
+
+def test_a_large_frame_names_a_buffer_for_exactly_its_data() -> None:
+    server, client = ready_pair(max_data_bytes=1 << 20)
+    big = bytes(range(256)) * 1024  # 256 KiB
+    f1 = b"".join(bytes(c) for c in client.send(Request(1, "append", {}, big)))
+    f2 = b"".join(bytes(c) for c in client.send(Request(2, "stat", {})))
+    head = len(f1) - len(big)
+    assert server.receive_buffer() is None  # nothing pending: read into receive_data
+    server.receive_data(f1[:1000])  # the header and the first bytes of the data
+    assert server.next_event() is NEED_DATA
+    view = server.receive_buffer()
+    assert view is not None and len(view) == len(big) - (1000 - head)
+    with view:
+        view[:] = big[1000 - head:]
+        n = len(view)
+    server.received_into(n)
+    assert server.receive_buffer() is None
+    first = server.next_event()
+    assert isinstance(first, Request) and first.data == big and isinstance(first.data, bytearray)
+    server.receive_data(f2)
+    assert server.next_event() == Request(2, "stat", {})
+    with pytest.raises(RuntimeError):
+        server.received_into(1)  # no buffer named
+
+
+def test_small_frames_and_the_handshake_never_use_a_buffer_of_their_own() -> None:
+    server, client = make_pair(max_data_bytes=1 << 20)
+    hello = b"".join(bytes(c) for c in server.hello())
+    client.receive_data(hello[:5])
+    assert client.next_event() is NEED_DATA and client.receive_buffer() is None
+    _, client = ready_pair(max_data_bytes=1 << 20)
+    frame = b"".join(bytes(c) for c in client.send(Request(1, "append", {}, b"s" * (DIRECT_DATA_BYTES - 1))))
+    server, _ = ready_pair(max_data_bytes=1 << 20)
+    server.receive_data(frame[:100])
+    assert server.next_event() is NEED_DATA and server.receive_buffer() is None
+
+
+def test_peer_closed_while_a_large_frame_is_received_into_its_buffer() -> None:
+    server, client = ready_pair(max_data_bytes=1 << 20)
+    frame = b"".join(bytes(c) for c in client.send(Request(1, "append", {}, b"q" * (1 << 18))))
+    server.receive_data(frame[:4096])
+    assert server.next_event() is NEED_DATA
+    view = server.receive_buffer()
+    assert view is not None
+    view.release()
+    server.received_into(0)
+    with pytest.raises(ProtocolError, match="middle of a frame"):
+        server.next_event()
 
 
 def test_responses_out_of_order() -> None:
