@@ -41,17 +41,91 @@ from appendfs.store.client import Ticket
 log = logging.getLogger(__name__)
 
 
+#: A write that extends a chunk by at least this much is kept as the ``bytes`` object FUSE
+#: handed in, no copy; smaller ones are gathered into ``bytearray`` parts of up to the
+#: store's append size. (Each part becomes at least one append: parts much smaller than
+#: the append size would cost the DataNodes an append each.)
+KEEP_BYTES = 512 << 10
+
+
 @dataclass(eq=False)
 class Chunk:
-    """Contiguous bytes written at ``file_off`` (dirty, then sent, then committed)."""
+    """Contiguous bytes written at ``file_off`` (dirty, then sent, then committed).
+
+    Held as parts, in order: the ``bytes`` of large writes as FUSE handed them in, and
+    ``bytearray`` parts that gather small writes (up to ``part_bytes`` each) and take
+    overwrites. Once sent, a chunk never changes again: the store keeps its parts, without
+    copying them, until every replica has acknowledged them (``LogStream.append``'s
+    ``frozen``). A sequential 1 MiB writer's bytes are thus copied only by the kernel and
+    pyfuse3 on their way in and by the socket on their way out.
+    """
 
     file_off: int
-    data: bytearray
+    parts: list[bytes | bytearray] = field(default_factory=list)
+    length: int = 0
     ticket: Ticket | None = None  # set when sent to a stream
+
+    @classmethod
+    def of(cls, file_off: int, data: bytes | bytearray | memoryview, part_bytes: int) -> Chunk:
+        c = cls(file_off)
+        c.write(0, data, part_bytes)
+        return c
 
     @property
     def end(self) -> int:
-        return self.file_off + len(self.data)
+        return self.file_off + self.length
+
+    def write(self, rel: int, data: bytes | bytearray | memoryview, part_bytes: int) -> None:
+        """Put ``data`` at ``rel`` bytes into the chunk (``rel <= length``): overwrite what
+        it covers in place, extend the chunk with the rest."""
+        if not 0 <= rel <= self.length:
+            raise ValueError(f"write at {rel} of a chunk of {self.length} bytes")
+        n = len(data)
+        inside = min(n, self.length - rel)
+        if inside:
+            self._overwrite(rel, memoryview(data)[:inside])
+        if inside < n:
+            self._extend(data if inside == 0 else memoryview(data)[inside:], part_bytes)
+
+    def _extend(self, data: bytes | bytearray | memoryview, part_bytes: int) -> None:
+        n = len(data)
+        last = self.parts[-1] if self.parts else None
+        if isinstance(data, bytes) and n >= KEEP_BYTES:
+            self.parts.append(data)  # immutable: kept as it is
+        elif isinstance(last, bytearray) and len(last) + n <= part_bytes:
+            last += data
+        else:
+            self.parts.append(bytearray(data))
+        self.length += n
+
+    def _overwrite(self, rel: int, data: memoryview) -> None:
+        end = rel + len(data)
+        lo = 0
+        for i, part in enumerate(self.parts):
+            hi = lo + len(part)
+            a, b = max(lo, rel), min(hi, end)
+            if a < b:
+                if isinstance(part, bytes):
+                    part = self.parts[i] = bytearray(part)  # copy one part, not the chunk
+                part[a - lo:b - lo] = data[a - rel:b - rel]
+            if hi >= end:
+                return
+            lo = hi
+
+    def copy_into(self, buf: bytearray, at: int, lo: int, hi: int) -> None:
+        """Copy the chunk's bytes ``[lo, hi)`` (relative to ``file_off``) into ``buf`` at ``at``."""
+        start = 0
+        for part in self.parts:
+            stop = start + len(part)
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                buf[at + a - lo:at + b - lo] = part[a - start:b - start]
+            if stop >= hi:
+                return
+            start = stop
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.parts)
 
 
 @dataclass(eq=False)
@@ -153,7 +227,7 @@ def place_pieces(chunk: Chunk, pieces: list[tuple[int, int, int]]) -> list[NewSl
         out.append(NewSlice(off, length, extent_id, ext_off))
         off += length
     if off != chunk.end:
-        raise AssertionError(f"pieces cover {off - chunk.file_off} of {len(chunk.data)} bytes")
+        raise AssertionError(f"pieces cover {off - chunk.file_off} of {chunk.length} bytes")
     return out
 
 
@@ -163,4 +237,4 @@ def overlay(buf: bytearray, off: int, chunks: list[Chunk]) -> None:
     for c in chunks:
         lo, hi = max(off, c.file_off), min(end, c.end)
         if lo < hi:
-            buf[lo - off:hi - off] = c.data[lo - c.file_off:hi - c.file_off]
+            c.copy_into(buf, lo - off, lo - c.file_off, hi - c.file_off)

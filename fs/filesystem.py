@@ -86,6 +86,8 @@ class FileSystem:
         self.cfg = cfg
         self.streams = StreamPool(client, cfg.streams_per_policy)
         self.budget = ByteBudget(cfg.write_buffer_bytes)
+        # Write buffers gather small writes in parts of the store's append size: one append each.
+        self._part_bytes = client.cfg.append_bytes
         self.cache = BlockCache(cfg.cache_bytes, cfg.block_bytes)
         self.sid = 0
         self._nursery = nursery
@@ -532,16 +534,15 @@ class FileSystem:
             d = of.dirty
             if d is not None and d.file_off <= off <= d.end and off + n - d.file_off <= 2 * self.cfg.chunk_bytes:
                 await self._take(max(0, off + n - d.end))
-                rel = off - d.file_off
-                d.data[rel:rel + n] = data
+                d.write(off - d.file_off, data, self._part_bytes)
             else:
                 if d is not None:
                     await self._send(of)
                 await self._take(n)
-                of.dirty = Chunk(off, bytearray(data))
+                of.dirty = Chunk.of(off, data, self._part_bytes)
                 of.dirty_since = trio.current_time()
             of.note_write(off + n)
-            if of.dirty is not None and len(of.dirty.data) >= self.cfg.chunk_bytes:
+            if of.dirty is not None and of.dirty.length >= self.cfg.chunk_bytes:
                 await self._send(of)
         return n
 
@@ -569,10 +570,10 @@ class FileSystem:
         of.sending = d  # reads (and the size this client reports) must still see it meanwhile
         try:
             stream = await self.streams.stream_for(of.redundancy, of.ino)
-            d.ticket = await stream.append(d.data)
+            d.ticket = await stream.append(d.parts, frozen=True)  # a sent chunk never changes
         except Exception as exc:
-            self.budget.give(len(d.data))
-            log.error("inode %d: %d bytes at %d not stored: %s", of.ino, len(d.data), d.file_off, exc)
+            self.budget.give(d.length)
+            log.error("inode %d: %d bytes at %d not stored: %s", of.ino, d.length, d.file_off, exc)
             of.error = of.error or exc
             return
         finally:
@@ -610,7 +611,7 @@ class FileSystem:
                     break
                 for c in batch:
                     of.sent.popleft()
-                    self.budget.give(len(c.data))
+                    self.budget.give(c.length)
                 of.resends = 0
                 of.adopt(attr)
                 self._saw(attr)
@@ -634,18 +635,18 @@ class FileSystem:
             stream = await self.streams.stream_for(of.redundancy, of.ino)
             for c in list(of.sent):
                 if c.ticket is None or c.ticket.error is not None:
-                    c.ticket = await stream.append(c.data)
+                    c.ticket = await stream.append(c.parts, frozen=True)
         except Exception as again:
             log.error("inode %d: cannot send again: %s", of.ino, again)
             return False
         return True
 
     def _fail_pending(self, of: OpenFile, exc: BaseException) -> None:
-        lost = sum(len(c.data) for c in of.sent)
+        lost = sum(c.length for c in of.sent)
         log.error("inode %d: %d written bytes not committed: %s", of.ino, lost, exc)
         of.error = of.error or exc
         for c in of.sent:
-            self.budget.give(len(c.data))
+            self.budget.give(c.length)
         of.sent.clear()
 
     async def _flush_file(self, of: OpenFile, *, locked: bool = False) -> None:

@@ -146,7 +146,11 @@ async def test_acknowledged_appends_survive_random_datanode_deaths(tmp_path: Pat
             nursery.start_soon(chaos, nodes, nursery, rng, stop)
             for _ in range(150):
                 data = rng.randbytes(rng.randrange(1, 300_000))
-                written.append((await stream.append(data), data))
+                if rng.random() < 0.5:
+                    written.append((await stream.append(data), data))  # bytes: kept, long ones as views
+                else:  # a file's write buffer: parts the stream keeps as they are (frozen)
+                    cut = rng.randrange(len(data) + 1)
+                    written.append((await stream.append([bytearray(data[:cut]), data[cut:]], frozen=True), data))
             with trio.fail_after(120):
                 await stream.close()
             stop.set()
@@ -213,3 +217,26 @@ async def test_a_replica_that_stops_answering_is_failed_after_the_append_timeout
                 pieces = await ticket.wait()
                 assert all(p.extent_id != ext.extent_id or p.ext_off + p.length <= ext.acked for p in pieces)
                 assert await read_back(client, ticket) == data
+
+
+async def test_a_buffer_that_changes_after_append_is_stored_as_it_was(tmp_path: Path) -> None:
+    """Without ``frozen`` the stream copies mutable buffers: the caller may reuse one the
+    moment append returns. Frozen parts and bytes are kept as handed in, split into views
+    where longer than an append; every variant reads back exactly."""
+    async with in_process_cluster(tmp_path, 3) as (url, engine, _nodes, _nursery):
+        cfg = ClientConfig(append_bytes=64 << 10)
+        async with StoreClient.connect(url, cfg, engine=engine) as client:
+            stream = await client.create_stream("raw", "rep:3")
+            rng = random.Random(3)
+            reused = bytearray(rng.randbytes(200_000))
+            original = bytes(reused)
+            t1 = await stream.append(reused)
+            reused[:] = bytes(len(reused))  # overwritten before the DataNodes answered
+            big = rng.randbytes(300_000)
+            t2 = await stream.append(big)
+            parts = [bytearray(rng.randbytes(70_000)), rng.randbytes(10), bytearray(), bytearray(rng.randbytes(5))]
+            t3 = await stream.append(parts, frozen=True)
+            await stream.close()
+            assert await read_back(client, t1) == original
+            assert await read_back(client, t2) == big
+            assert await read_back(client, t3) == b"".join(parts)
