@@ -234,7 +234,8 @@ class FileBackend(Backend):
             if written != stop - start:
                 raise BackendError(f"short direct write on extent {extent_id}: {written} of {stop - start}")
             if new_end == end:
-                self._tails[extent_id] = b""
+                with self._staging_lock:  # (where _tails is otherwise written and read)
+                    self._tails[extent_id] = b""
             return
         with self._staging_lock:
             buf = self._staging

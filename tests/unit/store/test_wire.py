@@ -297,10 +297,10 @@ def test_pipelined_frames_split_anywhere(sizes: list[int], data: st.DataObject) 
     assert got == requests
 
 
-def pump(conn: Connection, stream: bytes, reads: list[int]) -> list[object]:
+def pump(conn: Connection, stream: bytes, reads: list[int], into: list[bool]) -> list[object]:
     """Deliver ``stream`` as an I/O layer does: into the connection's data buffer when it
-    names one, else through receive_data; each read at most the next size of ``reads``
-    (cycled). Returns the events in order."""
+    names one (and ``into`` says so for this read), else through receive_data; each read
+    at most the next size of ``reads`` (both cycled). Returns the events in order."""
     got: list[object] = []
     at, i = 0, 0
     while True:
@@ -308,10 +308,12 @@ def pump(conn: Connection, stream: bytes, reads: list[int]) -> list[object]:
             got.append(event)
         if at == len(stream):
             return got
-        n = reads[i % len(reads)]
+        n, use_buffer = reads[i % len(reads)], into[i % len(into)]
         i += 1
         view = conn.receive_buffer()
-        if view is None:
+        if view is None or not use_buffer:
+            if view is not None:
+                view.release()
             conn.receive_data(stream[at:at + n])
             at = min(len(stream), at + n)
             continue
@@ -323,16 +325,19 @@ def pump(conn: Connection, stream: bytes, reads: list[int]) -> list[object]:
 
 
 @given(st.lists(st.integers(0, 3 * DIRECT_DATA_BYTES), min_size=1, max_size=5),
-       st.lists(st.integers(1, 2 * DIRECT_DATA_BYTES), min_size=1, max_size=4))
-@settings(max_examples=40, deadline=None)
-def test_large_frames_received_into_their_own_buffer_arrive_whole(sizes: list[int], reads: list[int]) -> None:
+       st.lists(st.integers(1, 2 * DIRECT_DATA_BYTES), min_size=1, max_size=4),
+       st.lists(st.booleans(), min_size=1, max_size=4))
+@settings(max_examples=60, deadline=None)
+def test_large_frames_received_into_their_own_buffer_arrive_whole(sizes: list[int], reads: list[int],
+                                                                 into: list[bool]) -> None:
     """Small and large frames back to back, read in any sizes, through the data buffers the
-    connection names: the same events as fed whole; no buffer ever takes bytes of the
-    next frame; a large frame's data is the page-aligned buffer it was received into."""
+    connection names or through receive_data (which then fills the buffer itself, and
+    keeps what follows for the next frame): the same events as fed whole; a large frame's
+    data is the page-aligned buffer it was received into."""
     server, client = ready_pair(max_data_bytes=4 * DIRECT_DATA_BYTES)
     requests = [Request(i, "append", {"n": n}, bytes([i % 251]) * n) for i, n in enumerate(sizes)]
     stream = b"".join(bytes(c) for r in requests for c in client.send(r))
-    got = pump(server, stream, reads)
+    got = pump(server, stream, reads, into)
     assert got == requests
     for r in got:
         assert isinstance(r, Request)
