@@ -47,7 +47,7 @@ _MAX_RESENDS = 3
 @dataclass(eq=False)
 class _Piece:
     off: int  # offset within the object
-    data: bytes
+    data: bytearray  # the writer's buffer, handed over whole: never changed after
     ticket: Ticket | None = None
 
 
@@ -92,8 +92,8 @@ class ObjectWriter:
     async def _send(self) -> None:
         if not self._buf:
             return
-        p = _Piece(self.size, bytes(self._buf))
-        self._buf.clear()
+        p = _Piece(self.size, self._buf)  # handed over, not copied: the writer starts a new one
+        self._buf = bytearray()
         self.size += len(p.data)
         await self._append(p)
         self._sent.append(p)
@@ -113,7 +113,7 @@ class ObjectWriter:
 
     async def _append(self, p: _Piece) -> None:
         stream = await self.streams.stream_for(self.redundancy, self.stream_key)
-        p.ticket = await stream.append(p.data)
+        p.ticket = await stream.append(p.data, frozen=True)  # a piece never changes
 
     async def _reap(self, *, block: bool) -> None:
         """Turn acknowledged pieces (in order) into slices and give their budget back."""
