@@ -78,6 +78,28 @@ def _give_100_continue_a_reason() -> None:
     h11.Connection.send = send  # type: ignore[method-assign, assignment]
 
 
+#: Bytes hypercorn's trio server asks the socket for at a time (see _read_larger_chunks).
+RECV_BYTES = 1 << 20
+
+
+def _read_larger_chunks() -> None:
+    """hypercorn's trio server reads a connection 64 KiB at a time (``MAX_RECV`` in
+    ``hypercorn.trio.tcp_server``, a module constant it looks up at every read, not a
+    setting). Each read becomes one h11 event, one ASGI message and one pass through the
+    request body reader, so a 64 MiB PUT took ~1,000 of them and most of the gateway's CPU
+    went to that machinery (py-spy). Raised to RECV_BYTES: the gateway's CPU per GiB of
+    64 MiB PUTs went from 5.50 to 3.80 s (bench/s3_bench.py, docs/benchmarks.md, session
+    16). A read returns what the socket holds, so small requests are unchanged. Skipped,
+    with a log line, if a hypercorn release drops the constant. Idempotent."""
+    from hypercorn.trio import tcp_server
+
+    current = getattr(tcp_server, "MAX_RECV", None)
+    if not isinstance(current, int):
+        log.info("hypercorn.trio.tcp_server.MAX_RECV is gone: request bodies are read in its own chunks")
+        return
+    tcp_server.MAX_RECV = max(current, RECV_BYTES)
+
+
 def hyper_config(cfg: S3Config) -> HyperConfig:
     hc = HyperConfig()
     hc.bind = [cfg.listen]
@@ -147,6 +169,7 @@ async def serve(meta_url: str, cfg: S3Config, fcfg: FsConfig, ccfg: ClientConfig
     """Serve the gateway in this process: on ``cfg.listen``, or as worker ``(index,
     listening socket, stats pipe)`` of a supervisor."""
     _give_100_continue_a_reason()
+    _read_larger_chunks()
     owner = f"s3:{os.uname().nodename}:{cfg.listen}" + (f":w{worker[0]}" if worker else "")
     async with FileSystem.connect(meta_url, fcfg, ccfg, owner=owner) as fs, open_gateway(fs, cfg) as gw:
         def counters() -> dict[str, float]:
