@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from appendfs.db import make_engine
 from appendfs.store import ec
 from appendfs.store.client.config import ClientConfig
-from appendfs.store.client.local import LocalReads
+from appendfs.store.client.local import FDS_IDLE_S, LocalReads
 from appendfs.store.client.metalink import MetaLink
 from appendfs.store.client.stream import LogStream
 from appendfs.store.codec import BlockError, verify_blocks
@@ -73,6 +73,8 @@ class StoreClient:
             async with ChannelPool(auth, connect_timeout_s=cfg.connect_timeout_s) as pool, \
                     trio.open_nursery() as nursery:
                 client = cls(engine, auth, pool, cfg, nursery, db_lane)
+                if client.local is not None:
+                    nursery.start_soon(client._expire_local, client.local)
                 try:
                     yield client
                 finally:
@@ -110,6 +112,14 @@ class StoreClient:
             self._renewing = True
             self._nursery.start_soon(self._renew_leases, float(res["lease_ttl_s"]))
         return s
+
+    @staticmethod
+    async def _expire_local(local: LocalReads) -> None:
+        """Close short-circuit descriptors nobody read lately: they would keep the blocks
+        of extents deleted since allocated on the DataNode's disk (local.FDS_IDLE_S)."""
+        while True:
+            await trio.sleep(FDS_IDLE_S / 2)
+            local.expire(trio.current_time())
 
     async def _renew_leases(self, ttl_s: float) -> None:
         while True:

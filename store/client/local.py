@@ -51,6 +51,9 @@ from appendfs.store.datanode.backend import META_FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 _FDS_MAX = 256  # open extents (two descriptors each)
+#: A cached copy not read for this long is closed (LocalReads.expire): an open descriptor
+#: keeps a deleted extent's blocks allocated, so an idle client must not hold them.
+FDS_IDLE_S = 30.0
 _RETRY_S = 30.0  # a DataNode that did not answer the ping is asked again after this
 _Files = tuple[int, int, int, int]  # data and checksum descriptors; the copy record's index, sealed length
 assert BLOCK_BYTES % ALIGN == 0
@@ -59,14 +62,16 @@ assert BLOCK_BYTES % ALIGN == 0
 class LocalReads:
     """Per-process short-circuit reader; one per StoreClient. Descriptors of recently read
     extents are cached for the small reads made on the event loop (only that thread opens,
-    uses and closes them); reads in worker threads open and close their own."""
+    uses and closes them; those idle for FDS_IDLE_S are closed by :meth:`expire`, which
+    the client calls periodically); reads in worker threads open and close their own."""
 
     def __init__(self, cluster_id: str, *, inline_bytes: int, stats: dict[str, int], direct: bool = True) -> None:
         self.cluster_id = cluster_id
         self.inline_bytes = inline_bytes
         self.direct = direct  # reads in worker threads use O_DIRECT (until a filesystem refuses it)
         self._dirs: dict[str, tuple[str, Path] | None] = {}  # address -> (node id, directory); None: not local
-        self._fds: OrderedDict[tuple[str, int], _Files] = OrderedDict()
+        self._fds: OrderedDict[tuple[str, int], _Files] = OrderedDict()  # least recently used first
+        self._used_at: dict[tuple[str, int], float] = {}  # when each was last read (trio clock)
         self._retry_at: dict[str, float] = {}  # address -> when to ask a node that did not answer again
         self.stats = stats  # the client's counters (its metrics)
         stats.update(local_reads=0, local_read_bytes=0, local_fallbacks=0, local_nodes=0)
@@ -113,14 +118,15 @@ class LocalReads:
                 if fds is None:
                     fds = self._fds[key] = _open(root, extent_id)
                     while len(self._fds) > _FDS_MAX:
-                        _close(self._fds.popitem(last=False)[1])
+                        self._drop(next(iter(self._fds)))
                 else:
                     self._fds.move_to_end(key)
+                self._used_at[key] = trio.current_time()
                 got = _read(fds, offset, length, index)
             except OSError:
                 got = None
             if got is None and key in self._fds:  # maybe a copy re-created since: reopen next time
-                _close(self._fds.pop(key))
+                self._drop(key)
         else:
             # EC fragments (``index``) stay buffered: the decoder and pyeclib want bytes.
             direct = self.direct and index is None
@@ -137,9 +143,25 @@ class LocalReads:
             self.stats["local_read_bytes"] += length
         return got
 
+    def _drop(self, key: tuple[str, int]) -> None:
+        _close(self._fds.pop(key))
+        self._used_at.pop(key, None)
+
+    def expire(self, now: float, idle_s: float = FDS_IDLE_S) -> int:
+        """Close the cached copies not read since ``now - idle_s`` (event loop only: the
+        cache's thread); how many. The cache is in least-recently-used order."""
+        closed = 0
+        while self._fds:
+            key = next(iter(self._fds))
+            if now - self._used_at.get(key, now) < idle_s:
+                break
+            self._drop(key)
+            closed += 1
+        return closed
+
     def close(self) -> None:
         while self._fds:
-            _close(self._fds.popitem()[1])
+            self._drop(next(iter(self._fds)))
 
 
 class _DirectRefused(Exception):

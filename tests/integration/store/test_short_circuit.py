@@ -11,6 +11,7 @@ SQLite only: the namespace plays no part in how a copy is read.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -20,7 +21,7 @@ import trio
 from cluster import Cluster, db_rows, random_file, wait_for
 
 from appendfs.store.client import ClientConfig, StoreClient
-from appendfs.store.client.local import LocalReads
+from appendfs.store.client.local import FDS_IDLE_S, LocalReads
 from appendfs.store.codec.blocks import append_entries
 from appendfs.store.datanode.backend import ExtentMeta
 from appendfs.store.datanode.filebackend import FileBackend
@@ -173,3 +174,30 @@ def test_large_reads_use_o_direct_and_stay_buffered_where_the_filesystem_refuses
             f.write(bytes([b[0] ^ 1]))
         assert trio.run(reads, local, [(0, len(data)), (200_000, 100_000)]) == [None, data[200_000:300_000]]
         assert stats["local_fallbacks"] == 1
+
+
+def test_idle_cached_copies_are_closed_so_a_deleted_extent_frees_its_space(tmp_path: Path) -> None:
+    """Small reads keep the copy's descriptors open for the next one. Once the DataNode
+    deletes the extent, only those descriptors keep its blocks allocated: a client that
+    stopped reading it closes them after FDS_IDLE_S (StoreClient runs expire periodically)."""
+    root = tmp_path / "dn"
+    root.mkdir()
+    data = random.Random(8).randbytes(64 * 1024)
+    _sealed_copy(root, 3, data)
+    local = LocalReads("c1", inline_bytes=65536, stats={})
+    assert local.learn("127.0.0.1:1", "n1", str(root)) == root
+    dat = str(root / "extents" / f"{3:016x}.dat")
+
+    def held() -> bool:
+        return any(os.readlink(f"/proc/self/fd/{fd}").startswith(dat) for fd in os.listdir("/proc/self/fd")
+                   if os.path.islink(f"/proc/self/fd/{fd}"))
+
+    async def read() -> tuple[bytes | bytearray | None, float]:
+        return await local.read("127.0.0.1:1", "n1", 3, 0, 4096), trio.current_time()
+    got, at = trio.run(read)
+    assert got == data[:4096] and held()
+    os.unlink(dat)  # the DataNode deletes the extent: our descriptor still pins its blocks
+    assert held()
+    assert local.expire(at + 1) == 0  # read a moment ago: kept
+    assert local.expire(at + FDS_IDLE_S) == 1 and not held()
+    local.close()
