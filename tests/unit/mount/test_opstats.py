@@ -47,8 +47,10 @@ async def test_requests_are_counted_timed_and_their_errors_named() -> None:
     buckets = lat["lookup"].cumulative()
     assert [b for b, _ in buckets] == [*map(repr, BUCKETS), "+Inf"]
     assert [n for _, n in buckets] == sorted(n for _, n in buckets) and buckets[-1][1] == 4
-    # the slow one lies above the 10 ms bound, the fast ones at or below it
-    assert dict(buckets)["0.01"] == 3
+    # The slow one (20 ms asleep) lies above the 10 ms bound. Where the fast ones land is
+    # the machine's business: logging the "broken" one's traceback took over 10 ms once
+    # under CI's load, so their bounds are not asserted (STYLE: no wall-time asserts).
+    assert dict(buckets)["0.01"] <= 3
 
 
 async def test_a_cancelled_request_is_not_counted() -> None:
