@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 
 from appendfs.db import make_engine
 from appendfs.format import format_cluster
-from appendfs.store.client import ClientConfig, StoreClient
+from appendfs.store.client import ClientConfig, LogStream, StoreClient
 from appendfs.store.datanode.config import DataNodeConfig
 from appendfs.store.datanode.extents import ExtentStore
 from appendfs.store.datanode.filebackend import FileBackend
@@ -128,6 +128,15 @@ async def in_process_cluster(tmp_path: Path, seed: int) -> AsyncIterator[tuple[s
         engine.dispose()
 
 
+@asynccontextmanager
+async def one_stream(tmp_path: Path, seed: int, redundancy: str,
+                     cfg: ClientConfig) -> AsyncIterator[tuple[StoreClient, LogStream, list[Node]]]:
+    """A client with ``cfg`` and one new ``redundancy`` stream on :func:`in_process_cluster`."""
+    async with in_process_cluster(tmp_path, seed) as (url, engine, nodes, _nursery), \
+            StoreClient.connect(url, cfg, engine=engine) as client:
+        yield client, await client.create_stream("raw", redundancy), nodes
+
+
 CASES = [(r, seed) for r in ("rep:3", "ec:2+1") for seed in range(SEEDS)]
 
 
@@ -166,22 +175,18 @@ async def test_ec_writer_coalesces_small_appends_into_shared_stripes(tmp_path: P
     would pad a stripe of its own (3.2 MB of extent space); queued behind a busy pipeline
     they share stripes, so the stream takes well under half of that — and every append
     still reads back exactly, at the place its ticket names."""
-    async with in_process_cluster(tmp_path, 7) as (url, engine, _nodes, _nursery):
-        cfg = ClientConfig(append_bytes=64 << 10, window_bytes=4 << 20, ec_cell_bytes=4096)
-        async with StoreClient.connect(url, cfg, engine=engine) as client:
-            stream = await client.create_stream("raw", "ec:2+1")
-            rng = random.Random(7)
-            written = [(await stream.append(data), data) for data in (rng.randbytes(3000) for _ in range(400))]
-            await stream.close()
-            ends: dict[int, int] = {}
-            for ticket, data in written:
-                pieces = await ticket.wait()
-                got = b"".join([await client.read(p.extent_id, p.ext_off, p.length) for p in pieces])
-                assert got == data
-                for p in pieces:
-                    ends[p.extent_id] = max(ends.get(p.extent_id, 0), p.ext_off + p.length)
-            used = sum(ends.values())
-            assert used < 0.5 * 400 * 8192, f"{used} bytes of extent space for 1.2 MB: appends were not coalesced"
+    cfg = ClientConfig(append_bytes=64 << 10, window_bytes=4 << 20, ec_cell_bytes=4096)
+    async with one_stream(tmp_path, 7, "ec:2+1", cfg) as (client, stream, _nodes):
+        rng = random.Random(7)
+        written = [(await stream.append(data), data) for data in (rng.randbytes(3000) for _ in range(400))]
+        await stream.close()
+        ends: dict[int, int] = {}
+        for ticket, data in written:
+            assert await read_back(client, ticket) == data
+            for p in await ticket.wait():
+                ends[p.extent_id] = max(ends.get(p.extent_id, 0), p.ext_off + p.length)
+        used = sum(ends.values())
+        assert used < 0.5 * 400 * 8192, f"{used} bytes of extent space for 1.2 MB: appends were not coalesced"
 
 
 async def test_a_replica_that_stops_answering_is_failed_after_the_append_timeout(tmp_path: Path) -> None:
@@ -189,54 +194,49 @@ async def test_a_replica_that_stops_answering_is_failed_after_the_append_timeout
     hung disk): the writer fails that replica once ``append_timeout_s`` passes without an
     answer, seals the extent at what all replicas acknowledged, and resends the rest to a
     new extent placed on other nodes. Every append reads back."""
-    async with in_process_cluster(tmp_path, 11) as (url, engine, nodes, _nursery):
-        cfg = ClientConfig(append_bytes=64 << 10, window_bytes=1 << 20, append_timeout_s=1.0)
-        async with StoreClient.connect(url, cfg, engine=engine) as client:
-            stream = await client.create_stream("raw", "rep:3")
-            rng = random.Random(11)
-            written = [(await stream.append(data), data) for data in (rng.randbytes(20_000) for _ in range(5))]
-            await stream.flush()
-            ext = stream._extent
-            assert ext is not None
-            held = {r["node_id"] for r in ext.replicas}
-            frozen = next(n for n in nodes if n.datanode is not None and n.datanode.ident.node_id in held)
-            assert frozen.datanode is not None
-            hang = trio.Event()  # never set: appends to this node are never answered
+    cfg = ClientConfig(append_bytes=64 << 10, window_bytes=1 << 20, append_timeout_s=1.0)
+    async with one_stream(tmp_path, 11, "rep:3", cfg) as (client, stream, nodes):
+        rng = random.Random(11)
+        written = [(await stream.append(data), data) for data in (rng.randbytes(20_000) for _ in range(5))]
+        await stream.flush()
+        ext = stream._extent
+        assert ext is not None
+        held = {r["node_id"] for r in ext.replicas}
+        frozen = next(n for n in nodes if n.datanode is not None and n.datanode.ident.node_id in held)
+        assert frozen.datanode is not None
+        hang = trio.Event()  # never set: appends to this node are never answered
 
-            async def never_answer(*args: object, **kw: object) -> int:
-                await hang.wait()
-                raise AssertionError("unreachable")
+        async def never_answer(*args: object, **kw: object) -> int:
+            await hang.wait()
+            raise AssertionError("unreachable")
 
-            frozen.datanode.store.append = never_answer  # type: ignore[method-assign]
-            written += [(await stream.append(data), data) for data in (rng.randbytes(20_000) for _ in range(5))]
-            with trio.fail_after(60):
-                await stream.close()
-            assert stream.switches >= 1
-            assert frozen.datanode.ident.node_id in ext.failed_nodes
-            for ticket, data in written:
-                pieces = await ticket.wait()
-                assert all(p.extent_id != ext.extent_id or p.ext_off + p.length <= ext.acked for p in pieces)
-                assert await read_back(client, ticket) == data
+        frozen.datanode.store.append = never_answer  # type: ignore[method-assign]
+        written += [(await stream.append(data), data) for data in (rng.randbytes(20_000) for _ in range(5))]
+        with trio.fail_after(60):
+            await stream.close()
+        assert stream.switches >= 1
+        assert frozen.datanode.ident.node_id in ext.failed_nodes
+        for ticket, data in written:
+            pieces = await ticket.wait()
+            assert all(p.extent_id != ext.extent_id or p.ext_off + p.length <= ext.acked for p in pieces)
+            assert await read_back(client, ticket) == data
 
 
 async def test_a_buffer_that_changes_after_append_is_stored_as_it_was(tmp_path: Path) -> None:
     """Without ``frozen`` the stream copies mutable buffers: the caller may reuse one the
     moment append returns. Frozen parts and bytes are kept as handed in, split into views
     where longer than an append; every variant reads back exactly."""
-    async with in_process_cluster(tmp_path, 3) as (url, engine, _nodes, _nursery):
-        cfg = ClientConfig(append_bytes=64 << 10)
-        async with StoreClient.connect(url, cfg, engine=engine) as client:
-            stream = await client.create_stream("raw", "rep:3")
-            rng = random.Random(3)
-            reused = bytearray(rng.randbytes(200_000))
-            original = bytes(reused)
-            t1 = await stream.append(reused)
-            reused[:] = bytes(len(reused))  # overwritten before the DataNodes answered
-            big = rng.randbytes(300_000)
-            t2 = await stream.append(big)
-            parts = [bytearray(rng.randbytes(70_000)), rng.randbytes(10), bytearray(), bytearray(rng.randbytes(5))]
-            t3 = await stream.append(parts, frozen=True)
-            await stream.close()
-            assert await read_back(client, t1) == original
-            assert await read_back(client, t2) == big
-            assert await read_back(client, t3) == b"".join(parts)
+    async with one_stream(tmp_path, 3, "rep:3", ClientConfig(append_bytes=64 << 10)) as (client, stream, _nodes):
+        rng = random.Random(3)
+        reused = bytearray(rng.randbytes(200_000))
+        original = bytes(reused)
+        t1 = await stream.append(reused)
+        reused[:] = bytes(len(reused))  # overwritten before the DataNodes answered
+        big = rng.randbytes(300_000)
+        t2 = await stream.append(big)
+        parts = [bytearray(rng.randbytes(70_000)), rng.randbytes(10), bytearray(), bytearray(rng.randbytes(5))]
+        t3 = await stream.append(parts, frozen=True)
+        await stream.close()
+        assert await read_back(client, t1) == original
+        assert await read_back(client, t2) == big
+        assert await read_back(client, t3) == b"".join(parts)
