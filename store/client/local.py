@@ -22,7 +22,8 @@ Anything unexpected — a missing file, a short read, an entry that does not ver
 :meth:`LocalReads.read` return None and the caller reads through the DataNode, which is
 authoritative (it reports corruption; a short circuit never does). Small reads run on the
 event loop (a 4 KiB pread is a few µs from the page cache, ~100 µs from this disk: less
-than a thread hand-off), larger ones in a worker thread.
+than a thread hand-off), larger ones in a worker thread; both through descriptors the
+event loop keeps open per copy (:class:`_Copy`).
 
 The large ones read with ``O_DIRECT`` (``direct``, the default) into a page-aligned part of
 a fresh ``bytearray``, which is then returned as it is: no page-cache copy in the kernel
@@ -40,6 +41,7 @@ import errno
 import json
 import logging
 import os
+import resource
 from collections import OrderedDict
 from pathlib import Path
 
@@ -50,7 +52,9 @@ from appendfs.store.codec import BLOCK_BYTES, ENTRY_BYTES, BlockError, verify_bl
 from appendfs.store.datanode.backend import META_FORMAT_VERSION
 
 log = logging.getLogger(__name__)
-_FDS_MAX = 256  # open extents (two descriptors each)
+#: Copies whose descriptors are kept open (up to three each; fewer where the process may
+#: open few files: an eighth of its soft RLIMIT_NOFILE at most).
+_FDS_MAX = 256
 #: A cached copy not read for this long is closed (LocalReads.expire): an open descriptor
 #: keeps a deleted extent's blocks allocated, so an idle client must not hold them.
 FDS_IDLE_S = 30.0
@@ -59,19 +63,61 @@ _Files = tuple[int, int, int, int]  # data and checksum descriptors; the copy re
 assert BLOCK_BYTES % ALIGN == 0
 
 
+def _copies_max() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return _FDS_MAX if soft == resource.RLIM_INFINITY else max(8, min(_FDS_MAX, soft // 8))
+
+
+class _Copy:
+    """The open files of one sealed copy, shared by the small reads made on the event loop
+    and the large ones made in worker threads.
+
+    Only the event loop opens and closes them. A worker thread reads through descriptors
+    of a copy held for it (``users``); a copy dropped from the cache while held is closed
+    when its last reader returns, so no thread ever reads a closed (or reused) descriptor.
+    The data file is opened twice at most, buffered for small reads and ``O_DIRECT`` for
+    large ones, each when first needed.
+    """
+
+    __slots__ = ("buffered", "direct", "dropped", "index", "sealed_length", "sums", "users")
+
+    def __init__(self, sums: int, index: int, sealed_length: int) -> None:
+        self.sums, self.index, self.sealed_length = sums, index, sealed_length
+        self.buffered = self.direct = -1  # not open yet
+        self.users = 0  # reads in worker threads using these descriptors now
+        self.dropped = False  # out of the cache: closed once users is 0
+
+    def files(self, direct: bool) -> _Files:
+        return self.direct if direct else self.buffered, self.sums, self.index, self.sealed_length
+
+    def close(self) -> None:
+        for fd in (self.buffered, self.direct, self.sums):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.buffered = self.direct = self.sums = -1
+
+
 class LocalReads:
-    """Per-process short-circuit reader; one per StoreClient. Descriptors of recently read
-    extents are cached for the small reads made on the event loop (only that thread opens,
-    uses and closes them; those idle for FDS_IDLE_S are closed by :meth:`expire`, which
-    the client calls periodically); reads in worker threads open and close their own."""
+    """Per-process short-circuit reader; one per StoreClient. The files of recently read
+    copies stay open for the next read (:class:`_Copy`): a sequential reader reads one
+    block at a time in a worker thread, and opening the files and parsing the copy's
+    record for each block cost ~10% of the mount's CPU per GiB read (docs/benchmarks.md).
+    Copies idle for FDS_IDLE_S are closed by :meth:`expire`, which the client calls
+    periodically; a large read that reaches a copy's end closes it at once (a sequential
+    reader is done with it), so deleted extents do not stay pinned by a reader that moved
+    on."""
 
     def __init__(self, cluster_id: str, *, inline_bytes: int, stats: dict[str, int], direct: bool = True) -> None:
         self.cluster_id = cluster_id
         self.inline_bytes = inline_bytes
         self.direct = direct  # reads in worker threads use O_DIRECT (until a filesystem refuses it)
         self._dirs: dict[str, tuple[str, Path] | None] = {}  # address -> (node id, directory); None: not local
-        self._fds: OrderedDict[tuple[str, int], _Files] = OrderedDict()  # least recently used first
+        self._copies: OrderedDict[tuple[str, int], _Copy] = OrderedDict()  # least recently used first
         self._used_at: dict[tuple[str, int], float] = {}  # when each was last read (trio clock)
+        self._copies_max = _copies_max()
         self._retry_at: dict[str, float] = {}  # address -> when to ask a node that did not answer again
         self.stats = stats  # the client's counters (its metrics)
         stats.update(local_reads=0, local_read_bytes=0, local_fallbacks=0, local_nodes=0)
@@ -110,32 +156,29 @@ class LocalReads:
         known = self._dirs.get(address)
         if known is None or known[0] != node_id:  # not local, or another node answers there now
             return None
-        root = known[1]
-        if length <= self.inline_bytes:
-            key = (address, extent_id)
-            try:
-                fds = self._fds.get(key)
-                if fds is None:
-                    fds = self._fds[key] = _open(root, extent_id)
-                    while len(self._fds) > _FDS_MAX:
-                        self._drop(next(iter(self._fds)))
-                else:
-                    self._fds.move_to_end(key)
-                self._used_at[key] = trio.current_time()
-                got = _read(fds, offset, length, index)
-            except OSError:
-                got = None
-            if got is None and key in self._fds:  # maybe a copy re-created since: reopen next time
-                self._drop(key)
-        else:
-            # EC fragments (``index``) stay buffered: the decoder and pyeclib want bytes.
-            direct = self.direct and index is None
-            try:
-                got = await trio.to_thread.run_sync(_read_once, root, extent_id, offset, length, index, direct)
-            except _DirectRefused:
-                log.info("%s refuses O_DIRECT: short-circuit reads stay buffered", root)
-                self.direct = False
-                got = await trio.to_thread.run_sync(_read_once, root, extent_id, offset, length, index, False)
+        key = (address, extent_id)
+        large = length > self.inline_bytes
+        # EC fragments (``index``) stay buffered: the decoder and pyeclib want bytes.
+        direct = large and self.direct and index is None
+        got: bytes | bytearray | None = None
+        try:
+            copy = self._hold(key, known[1], extent_id, direct)
+            direct = direct and self.direct  # (the open may just have found O_DIRECT refused)
+            if not large:
+                got = _read(copy.files(False), offset, length, index)
+            else:
+                copy.users += 1
+                try:
+                    got = await trio.to_thread.run_sync(_read_quietly, copy.files(direct), offset, length, index,
+                                                        direct)
+                finally:
+                    copy.users -= 1
+                    if copy.dropped and not copy.users:
+                        copy.close()
+        except OSError:
+            pass
+        if key in self._copies and (got is None or (large and offset + length >= self._copies[key].sealed_length)):
+            self._drop(key)  # failed (maybe a copy re-created since: reopen next time), or read to its end
         if got is None:
             self.stats["local_fallbacks"] += 1
         else:
@@ -143,16 +186,47 @@ class LocalReads:
             self.stats["local_read_bytes"] += length
         return got
 
+    def _hold(self, key: tuple[str, int], root: Path, extent_id: int, direct: bool) -> _Copy:
+        """The cached copy ``key`` with the data descriptor this read needs, opened now if
+        missing (on the event loop: a few µs from the page cache, once per copy)."""
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = _open(root, extent_id)
+            while len(self._copies) > self._copies_max:
+                self._drop(next(iter(self._copies)))
+        else:
+            self._copies.move_to_end(key)
+        self._used_at[key] = trio.current_time()
+        base = _base(root, extent_id)
+        try:
+            if direct and copy.direct < 0:
+                try:
+                    copy.direct = os.open(f"{base}.dat", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    log.info("%s refuses O_DIRECT: short-circuit reads stay buffered", root)
+                    self.direct = False
+            if (not direct or not self.direct) and copy.buffered < 0:
+                copy.buffered = os.open(f"{base}.dat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._drop(key)
+            raise
+        return copy
+
     def _drop(self, key: tuple[str, int]) -> None:
-        _close(self._fds.pop(key))
+        copy = self._copies.pop(key)
         self._used_at.pop(key, None)
+        copy.dropped = True
+        if not copy.users:
+            copy.close()
 
     def expire(self, now: float, idle_s: float = FDS_IDLE_S) -> int:
         """Close the cached copies not read since ``now - idle_s`` (event loop only: the
         cache's thread); how many. The cache is in least-recently-used order."""
         closed = 0
-        while self._fds:
-            key = next(iter(self._fds))
+        while self._copies:
+            key = next(iter(self._copies))
             if now - self._used_at.get(key, now) < idle_s:
                 break
             self._drop(key)
@@ -160,16 +234,18 @@ class LocalReads:
         return closed
 
     def close(self) -> None:
-        while self._fds:
-            self._drop(next(iter(self._fds)))
+        while self._copies:
+            self._drop(next(iter(self._copies)))
 
 
-class _DirectRefused(Exception):
-    """The filesystem of a copy does not support O_DIRECT opens (EINVAL)."""
+def _base(root: Path, extent_id: int) -> str:
+    return str(root / "extents" / f"{extent_id:016x}")
 
 
-def _open(root: Path, extent_id: int, direct: bool = False) -> _Files:
-    base = root / "extents" / f"{extent_id:016x}"
+def _open(root: Path, extent_id: int) -> _Copy:
+    """A sealed copy's record checked and its checksum file opened (the data file is
+    opened by :meth:`LocalReads._hold`, buffered or not, as reads need it)."""
+    base = _base(root, extent_id)
     try:
         rec = json.loads(Path(f"{base}.meta").read_bytes())
         index, sealed, version = int(rec["index"]), rec["state"] == "sealed", rec["version"]
@@ -178,25 +254,7 @@ def _open(root: Path, extent_id: int, direct: bool = False) -> _Files:
         raise OSError(f"extent record {base}.meta unreadable") from None
     if not sealed or version != META_FORMAT_VERSION:
         raise OSError(f"extent {extent_id:x} is not sealed here (or a record version we do not know)")
-    try:
-        dat = os.open(f"{base}.dat", os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
-    except OSError as exc:
-        if direct and exc.errno == errno.EINVAL:
-            raise _DirectRefused from None
-        raise
-    try:
-        return dat, os.open(f"{base}.sum", os.O_RDONLY | os.O_CLOEXEC), index, length
-    except OSError:
-        os.close(dat)
-        raise
-
-
-def _close(files: _Files) -> None:
-    for fd in files[:2]:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    return _Copy(os.open(f"{base}.sum", os.O_RDONLY | os.O_CLOEXEC), index, length)
 
 
 def _read(files: _Files, offset: int, length: int, index: int | None,
@@ -252,17 +310,10 @@ def _read_direct(dat: int, ents: int, start: int, want: int, count: int, skip: i
     return buf
 
 
-def _read_once(root: Path, extent_id: int, offset: int, length: int, index: int | None,
-               direct: bool = False) -> bytes | bytearray | None:
-    """One read in a worker thread; raises :class:`_DirectRefused` when ``direct`` cannot
-    be had on this filesystem."""
+def _read_quietly(files: _Files, offset: int, length: int, index: int | None,
+                  direct: bool) -> bytes | bytearray | None:
+    """:func:`_read` in a worker thread: a failing read is a fallback, not an error."""
     try:
-        fds = _open(root, extent_id, direct)
-    except OSError:  # (not _DirectRefused: it goes to the caller)
-        return None
-    try:
-        return _read(fds, offset, length, index, direct)
+        return _read(files, offset, length, index, direct)
     except OSError:
         return None
-    finally:
-        _close(fds)

@@ -174,30 +174,91 @@ def test_large_reads_use_o_direct_and_stay_buffered_where_the_filesystem_refuses
             f.write(bytes([b[0] ^ 1]))
         assert trio.run(reads, local, [(0, len(data)), (200_000, 100_000)]) == [None, data[200_000:300_000]]
         assert stats["local_fallbacks"] == 1
+        local.close()
+
+
+def _held(path: str) -> bool:
+    """Whether this process has ``path`` open."""
+    return any(os.readlink(f"/proc/self/fd/{fd}").startswith(path) for fd in os.listdir("/proc/self/fd")
+               if os.path.islink(f"/proc/self/fd/{fd}"))
+
+
+def _one_copy(tmp_path: Path, extent_id: int, size: int) -> tuple[LocalReads, bytes, str]:
+    root = tmp_path / "dn"
+    root.mkdir()
+    data = random.Random(extent_id).randbytes(size)
+    _sealed_copy(root, extent_id, data)
+    local = LocalReads("c1", inline_bytes=65536, stats={})
+    assert local.learn("127.0.0.1:1", "n1", str(root)) == root
+    return local, data, str(root / "extents" / f"{extent_id:016x}.dat")
 
 
 def test_idle_cached_copies_are_closed_so_a_deleted_extent_frees_its_space(tmp_path: Path) -> None:
     """Small reads keep the copy's descriptors open for the next one. Once the DataNode
     deletes the extent, only those descriptors keep its blocks allocated: a client that
     stopped reading it closes them after FDS_IDLE_S (StoreClient runs expire periodically)."""
-    root = tmp_path / "dn"
-    root.mkdir()
-    data = random.Random(8).randbytes(64 * 1024)
-    _sealed_copy(root, 3, data)
-    local = LocalReads("c1", inline_bytes=65536, stats={})
-    assert local.learn("127.0.0.1:1", "n1", str(root)) == root
-    dat = str(root / "extents" / f"{3:016x}.dat")
-
-    def held() -> bool:
-        return any(os.readlink(f"/proc/self/fd/{fd}").startswith(dat) for fd in os.listdir("/proc/self/fd")
-                   if os.path.islink(f"/proc/self/fd/{fd}"))
+    local, data, dat = _one_copy(tmp_path, 3, 64 * 1024)
 
     async def read() -> tuple[bytes | bytearray | None, float]:
         return await local.read("127.0.0.1:1", "n1", 3, 0, 4096), trio.current_time()
     got, at = trio.run(read)
-    assert got == data[:4096] and held()
+    assert got == data[:4096] and _held(dat)
     os.unlink(dat)  # the DataNode deletes the extent: our descriptor still pins its blocks
-    assert held()
+    assert _held(dat)
     assert local.expire(at + 1) == 0  # read a moment ago: kept
-    assert local.expire(at + FDS_IDLE_S) == 1 and not held()
+    assert local.expire(at + FDS_IDLE_S) == 1 and not _held(dat)
+    local.close()
+
+
+def test_large_reads_keep_the_copy_open_until_one_reaches_its_end(tmp_path: Path) -> None:
+    """A sequential reader reads a copy block by block in worker threads: its files stay
+    open between blocks (not re-opened and re-parsed for each), and the read that reaches
+    the copy's end closes them, so a reader that moved on pins nothing."""
+    local, data, dat = _one_copy(tmp_path, 4, 3 * MiB + 100_005)  # the tail is a large read too
+    opened: list[bool] = []
+
+    async def reads() -> None:
+        for off in range(0, len(data), MiB):
+            n = min(MiB, len(data) - off)
+            assert await local.read("127.0.0.1:1", "n1", 4, off, n) == data[off:off + n]
+            opened.append(_held(dat))
+    trio.run(reads)
+    assert opened == [True, True, True, False]
+    assert local.stats["local_reads"] == 4 and local.stats["local_fallbacks"] == 0
+    local.close()
+
+
+def test_a_copy_dropped_during_a_read_in_a_thread_is_closed_when_the_read_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Expiry (or eviction) while a worker thread reads through the copy's descriptors
+    must not close them under it: the read completes with the right bytes, and the
+    descriptors are closed once it has returned."""
+    import threading
+
+    from appendfs.store.client import local as local_module
+    local, data, dat = _one_copy(tmp_path, 5, 2 * MiB)
+    in_thread, go_on = threading.Event(), threading.Event()
+    real = local_module._read_quietly
+
+    def paused(*args: object) -> object:
+        in_thread.set()
+        assert go_on.wait(30)
+        return real(*args)  # type: ignore[arg-type]
+    monkeypatch.setattr(local_module, "_read_quietly", paused)
+
+    async def scenario() -> tuple[bytes | bytearray | None, bool, bool]:
+        result: list[bytes | bytearray | None] = []
+        async with trio.open_nursery() as nursery:
+            async def read() -> None:
+                result.append(await local.read("127.0.0.1:1", "n1", 5, 4096, MiB))
+            nursery.start_soon(read)
+            await trio.to_thread.run_sync(in_thread.wait, 30)
+            closed = local.expire(trio.current_time() + FDS_IDLE_S)  # dropped while the thread reads
+            still_open = _held(dat)
+            go_on.set()
+        return result[0], bool(closed), still_open
+    got, closed, still_open = trio.run(scenario)
+    assert closed and still_open
+    assert got == data[4096:4096 + MiB]
+    assert not _held(dat)  # closed by the read's return
     local.close()
