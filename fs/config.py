@@ -38,7 +38,7 @@ class FsConfig:
     write_buffer_bytes: int = option(96 << 20, "file data buffered until committed, all files together (backpressure)", positive)
     flush_age_s: float = option(5.0, "a write buffer untouched this long is sent to the store", positive)
     cache_bytes: int = option(64 << 20, "verified extent blocks kept in memory for sequential reads", non_negative)
-    block_bytes: int = option(2 << 20, "unit of the block cache and of readahead requests", _chunk)
+    block_bytes: int = option(4 << 20, "unit of the block cache and of readahead requests", _chunk)
     readahead_bytes: int = option(16 << 20, "largest readahead window of one sequential reader; the most one S3 GET buffers", positive)
     readahead_parallel: int = option(8, "readahead block reads in flight, all readers of this client together (an S3 GET: at most this many)", positive)
     attr_timeout_s: float = option(1.0, "how long the kernel may cache attributes (close-to-open still holds)", non_negative)

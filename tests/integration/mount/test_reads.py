@@ -23,6 +23,8 @@ from pathlib import Path
 from cluster import Cluster, free_port, random_file, scrape, wait_for
 from mounts import Mount, drop_page_cache
 
+from appendfs.fs import FsConfig
+
 MIB = 1 << 20
 
 
@@ -86,10 +88,10 @@ def test_cold_sequential_reads_fetch_every_byte_once_and_random_reads_use_cached
         wait_for(lambda: _unread(port) > 0, "readahead to fetch ahead of the reader", 20)
     wait_for(lambda: _unread(port) == 0, "the closed reader's readahead to stop counting as unread", 20)
 
-    # A cold sequential read: each byte once; one block (2 MiB) of slack for a block that
-    # straddles two slices.
+    # A cold sequential read: each byte once; one block (the default block_bytes) of slack
+    # for a block that straddles two slices.
     before = _fetched(port)
     assert _read_all(m.path / str(big)) == data[big]
     fetched = _fetched(port) - before
-    assert big <= fetched <= big + 2 * MIB, f"a cold sequential read of {big} bytes fetched {fetched:.0f}"
+    assert big <= fetched <= big + FsConfig().block_bytes, f"a cold sequential read of {big} bytes fetched {fetched:.0f}"
     assert _unread(port) == 0
