@@ -187,9 +187,14 @@ class LocalReads:
         return got
 
     def _hold(self, key: tuple[str, int], root: Path, extent_id: int, direct: bool) -> _Copy:
-        """The cached copy ``key`` with the data descriptor this read needs, opened now if
-        missing (on the event loop: a few µs from the page cache, once per copy)."""
+        """The cached copy ``key`` with the data descriptor this read needs; what is
+        missing is opened now (on the event loop: a few µs from the page cache, once per
+        copy). Raises OSError when the copy cannot be read here."""
         copy = self._copies.get(key)
+        if copy is not None and (copy.direct if direct else copy.buffered) >= 0:
+            self._copies.move_to_end(key)  # (the common case: this runs for every 4 KiB random read)
+            self._used_at[key] = trio.current_time()
+            return copy
         if copy is None:
             copy = self._copies[key] = _open(root, extent_id)
             while len(self._copies) > self._copies_max:
@@ -197,18 +202,19 @@ class LocalReads:
         else:
             self._copies.move_to_end(key)
         self._used_at[key] = trio.current_time()
-        base = _base(root, extent_id)
+        dat = f"{_base(root, extent_id)}.dat"
         try:
-            if direct and copy.direct < 0:
+            if direct:
                 try:
-                    copy.direct = os.open(f"{base}.dat", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+                    copy.direct = os.open(dat, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+                    return copy
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
                     log.info("%s refuses O_DIRECT: short-circuit reads stay buffered", root)
                     self.direct = False
-            if (not direct or not self.direct) and copy.buffered < 0:
-                copy.buffered = os.open(f"{base}.dat", os.O_RDONLY | os.O_CLOEXEC)
+            if copy.buffered < 0:
+                copy.buffered = os.open(dat, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             self._drop(key)
             raise
