@@ -63,6 +63,13 @@ def test_any_flipped_bit_in_an_entry_is_caught(covered: int) -> None:
             with pytest.raises(BlockError):
                 verify_blocks(block, torn, 0)
         assert recover_length(block, torn) == 0
+        # A reader (check_entries=False) is failed by any flip in the digest or covered
+        # length; a flip in the entry's own check leaves the bytes proven, so it reads them.
+        if bit < 96:
+            with pytest.raises(BlockError):
+                verify_blocks(block, torn, 0, check_entries=False)
+        else:
+            verify_blocks(block, torn, 0, check_entries=False)
 
 
 def test_entries_for_covers_each_block() -> None:
@@ -163,16 +170,34 @@ def test_verify_names_the_block_whose_entry_check_is_torn(block: int, bit: int) 
     assert err.value.block_index == 5 + block
 
 
-def test_verify_catches_missing_and_mismatched_entries() -> None:
+@pytest.mark.parametrize("check_entries", [True, False])
+def test_verify_catches_missing_and_mismatched_entries(check_entries: bool) -> None:
     data = data_of(2 * BLOCK_BYTES)
     entries = entries_for(data)
     with pytest.raises(BlockError, match="missing"):
-        verify_blocks(data, entries[:ENTRY_BYTES], 0)
-    with pytest.raises(BlockError):
-        verify_blocks(data, entries[:ENTRY_BYTES] + bytes(ENTRY_BYTES), 0)
+        verify_blocks(data, entries[:ENTRY_BYTES], 0, check_entries=check_entries)
+    with pytest.raises(BlockError, match="missing or torn") as err:  # never written: all zeros
+        verify_blocks(data, entries[:ENTRY_BYTES] + bytes(ENTRY_BYTES), 0, check_entries=check_entries)
+    assert err.value.block_index == 1
     # An entry for a longer block does not vouch for a short one (a truncated read).
     with pytest.raises(BlockError, match="covers"):
-        verify_blocks(data[:BLOCK_BYTES + 10], entries, 0)
+        verify_blocks(data[:BLOCK_BYTES + 10], entries, 0, check_entries=check_entries)
+
+
+@given(data=st.binary(min_size=1, max_size=6 * BLOCK_BYTES), at=st.integers(0), bit=st.integers(0, 7))
+@settings(max_examples=60, deadline=None)
+def test_a_reader_names_the_block_whose_bytes_changed(data: bytes, at: int, bit: int) -> None:
+    """check_entries=False (readers): a flipped data bit fails at its block, as it does
+    with every entry checked."""
+    entries = entries_for(data)
+    at %= len(data)
+    bad = bytearray(data)
+    bad[at] ^= 1 << bit
+    for check_entries in (True, False):
+        verify_blocks(data, entries, 3, check_entries=check_entries)
+        with pytest.raises(BlockError, match="mismatch") as err:
+            verify_blocks(bytes(bad), entries, 3, check_entries=check_entries)
+        assert err.value.block_index == 3 + at // BLOCK_BYTES
 
 
 # ---- recovery ---------------------------------------------------------------------------
