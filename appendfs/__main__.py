@@ -1,3 +1,3 @@
-from appendfs.cli import main
+from appendfs.runtime import main
 
 main()

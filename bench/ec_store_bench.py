@@ -438,8 +438,9 @@ def cluster_b(root: Path, size: int, limit: int, device: str, rows: list[Row]) -
 
 
 def main() -> None:
-    from appendfs.runtime import tune_allocator
+    from appendfs.runtime import reexec_with_huge_pages, tune_allocator
 
+    reexec_with_huge_pages()  # the store client in this process runs as in a daemon: huge pages
     tune_allocator()  # as every appendfs process does (appendfs/runtime.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024, help="bytes written per write phase, in MiB [1024]")

@@ -720,8 +720,9 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def main() -> None:
-    from appendfs.runtime import tune_allocator
+    from appendfs.runtime import reexec_with_huge_pages, tune_allocator
 
+    reexec_with_huge_pages()  # the store client in this process runs as in a daemon: huge pages
     tune_allocator()  # as every appendfs process does; the store client runs in this one
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])

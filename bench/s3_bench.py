@@ -869,8 +869,9 @@ def report(bench: Bench, args: argparse.Namespace, base: Path, interrupted: bool
 
 
 def main() -> None:
-    from appendfs.runtime import tune_allocator
+    from appendfs.runtime import reexec_with_huge_pages, tune_allocator
 
+    reexec_with_huge_pages()  # the store client in this process runs as in a daemon: huge pages
     tune_allocator()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -130,3 +130,26 @@ def test_up_runs_a_whole_cluster_and_stops_it(tmp_path: Path) -> None:
     wait_gone(run_info["pids"].values(), "every child of `up` to exit")
     assert {p.name for p in (data / "logs").iterdir()} == {"metanode.log", "datanode-1.log", "datanode-2.log",
                                                            "datanode-3.log"}
+
+
+def test_daemons_run_with_huge_pages_unless_the_user_chose_otherwise(make_cluster, sqlite_url: str,
+                                                                      tmp_path: Path) -> None:
+    """The daemons' data buffers sit in transparent huge pages (appendfs/runtime.py): the
+    command re-executes itself with glibc's tunable, in the same process (same pid), and
+    leaves a GLIBC_TUNABLES that names the tunable as the user set it."""
+    from appendfs.runtime import with_huge_pages
+
+    if with_huge_pages({}) is None:
+        pytest.skip("no glibc or no transparent huge pages here: daemons start as they are")
+
+    def tunables(pid: int) -> list[bytes]:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return [v for v in env if v.startswith(b"GLIBC_TUNABLES=")]
+    c = make_cluster(sqlite_url, datanodes=1)
+    for proc in (*c.metanodes, *c.datanodes):
+        assert proc.alive and tunables(proc.popen.pid) == [b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1"], proc.name
+    other = make_cluster(f"sqlite:///{tmp_path / 'other.db'}", datanodes=1,
+                         env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    for proc in (*other.metanodes, *other.datanodes):
+        assert proc.alive and tunables(proc.popen.pid) == [b"GLIBC_TUNABLES=glibc.malloc.hugetlb=0"], proc.name
+
