@@ -98,10 +98,14 @@ def reexec_with_huge_pages() -> None:
     """Re-execute this process (same interpreter, same arguments) with the huge-page
     tunable, unless it has it already or should not: see the module docstring."""
     env = with_huge_pages(os.environ)
-    if env is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if env is None or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # (not expected: the interpreter runs now) go on as started
+        pass
 
 
 def main() -> None:
