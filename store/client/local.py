@@ -54,7 +54,7 @@ from appendfs.store.datanode.backend import META_FORMAT_VERSION
 log = logging.getLogger(__name__)
 #: Copies whose descriptors are kept open (up to three each; fewer where the process may
 #: open few files: an eighth of its soft RLIMIT_NOFILE at most).
-_FDS_MAX = 256
+_COPIES_MAX = 256
 #: A cached copy not read for this long is closed (LocalReads.expire): an open descriptor
 #: keeps a deleted extent's blocks allocated, so an idle client must not hold them.
 FDS_IDLE_S = 30.0
@@ -65,7 +65,7 @@ assert BLOCK_BYTES % ALIGN == 0
 
 def _copies_max() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return _FDS_MAX if soft == resource.RLIM_INFINITY else max(8, min(_FDS_MAX, soft // 8))
+    return _COPIES_MAX if soft == resource.RLIM_INFINITY else max(8, min(_COPIES_MAX, soft // 8))
 
 
 class _Copy:
@@ -79,11 +79,12 @@ class _Copy:
     large ones, each when first needed.
     """
 
-    __slots__ = ("buffered", "direct", "dropped", "index", "sealed_length", "sums", "users")
+    __slots__ = ("buffered", "direct", "dropped", "index", "sealed_length", "sums", "used_at", "users")
 
     def __init__(self, sums: int, index: int, sealed_length: int) -> None:
         self.sums, self.index, self.sealed_length = sums, index, sealed_length
         self.buffered = self.direct = -1  # not open yet
+        self.used_at = 0.0  # when last read (trio clock): LocalReads.expire
         self.users = 0  # reads in worker threads using these descriptors now
         self.dropped = False  # out of the cache: closed once users is 0
 
@@ -116,7 +117,6 @@ class LocalReads:
         self.direct = direct  # reads in worker threads use O_DIRECT (until a filesystem refuses it)
         self._dirs: dict[str, tuple[str, Path] | None] = {}  # address -> (node id, directory); None: not local
         self._copies: OrderedDict[tuple[str, int], _Copy] = OrderedDict()  # least recently used first
-        self._used_at: dict[tuple[str, int], float] = {}  # when each was last read (trio clock)
         self._copies_max = _copies_max()
         self._retry_at: dict[str, float] = {}  # address -> when to ask a node that did not answer again
         self.stats = stats  # the client's counters (its metrics)
@@ -191,17 +191,15 @@ class LocalReads:
         missing is opened now (on the event loop: a few µs from the page cache, once per
         copy). Raises OSError when the copy cannot be read here."""
         copy = self._copies.get(key)
-        if copy is not None and (copy.direct if direct else copy.buffered) >= 0:
-            self._copies.move_to_end(key)  # (the common case: this runs for every 4 KiB random read)
-            self._used_at[key] = trio.current_time()
-            return copy
         if copy is None:
             copy = self._copies[key] = _open(root, extent_id)
             while len(self._copies) > self._copies_max:
                 self._drop(next(iter(self._copies)))
         else:
             self._copies.move_to_end(key)
-        self._used_at[key] = trio.current_time()
+        copy.used_at = trio.current_time()
+        if (copy.direct if direct else copy.buffered) >= 0:
+            return copy  # (the common case, for every 4 KiB random read: no path built)
         dat = f"{_base(root, extent_id)}.dat"
         try:
             if direct:
@@ -222,7 +220,6 @@ class LocalReads:
 
     def _drop(self, key: tuple[str, int]) -> None:
         copy = self._copies.pop(key)
-        self._used_at.pop(key, None)
         copy.dropped = True
         if not copy.users:
             copy.close()
@@ -232,8 +229,8 @@ class LocalReads:
         cache's thread); how many. The cache is in least-recently-used order."""
         closed = 0
         while self._copies:
-            key = next(iter(self._copies))
-            if now - self._used_at.get(key, now) < idle_s:
+            key, copy = next(iter(self._copies.items()))
+            if now - copy.used_at < idle_s:
                 break
             self._drop(key)
             closed += 1

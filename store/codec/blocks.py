@@ -74,6 +74,12 @@ def _heads_struct(n: int) -> struct.Struct:
     return struct.Struct(">" + "QI" * n)
 
 
+@functools.lru_cache(maxsize=64)
+def _digests_struct(n: int) -> struct.Struct:
+    """Digest and covered length (>QI, the check skipped) of ``n`` entries back to back."""
+    return struct.Struct(">" + "QI4x" * n)
+
+
 def _encode_entries(digests: list[int], covered: list[int]) -> bytes:
     """encode_entry for many blocks at once: the same bytes, a few C calls instead of four
     Python-level calls per block."""
@@ -153,12 +159,6 @@ def verify_blocks(data: bytes | bytearray | memoryview, entries: bytes | memoryv
             return
     _first_bad_block(view, ents, nblocks, first_block, check_entries)
     raise AssertionError("bulk verification failed but no block did")  # pragma: no cover
-
-
-@functools.lru_cache(maxsize=64)
-def _digests_struct(n: int) -> struct.Struct:
-    """Digest and covered length (>QI, the check skipped) of ``n`` entries back to back."""
-    return struct.Struct(">" + "QI4x" * n)
 
 
 def _first_bad_block(view: memoryview, ents: memoryview, nblocks: int, first_block: int,
