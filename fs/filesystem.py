@@ -74,8 +74,9 @@ class Handle:
     streak: int = 0
     ra_next: int = 0
     window: int = 0
-    # Blocks readahead fetched for this handle that it has not read to their end: they
-    # count as unread in the block cache until then, or until the handle is closed.
+    # Blocks fetched for this handle (by readahead, or begun by its reads) that it has not
+    # read all of: they count as unread in the block cache until then, or until the handle
+    # is closed.
     ahead: set[tuple[int, int]] = field(default_factory=set)
 
 
@@ -733,9 +734,10 @@ class FileSystem:
             data = self.cache.get(p.extent_id, pos, hi)
             if data is None:
                 data = await self._fetch_block(p.extent_id, block, pos, hi, lo_ext, hi_ext)
-            if hi == min((block + 1) * bb, hi_ext):  # read to the cached range's end: drop-behind
-                self.cache.done_with(p.extent_id, block)  # (and no longer unread: BlockCache)
-                h.ahead.discard((p.extent_id, block))
+            if self.cache.taken(p.extent_id, block, hi - pos):  # all of it read: drop-behind
+                h.ahead.discard((p.extent_id, block))  # (and no longer unread: BlockCache)
+            else:  # (a reader that started in its middle never takes all: done at close)
+                h.ahead.add((p.extent_id, block))
             parts.append(data)
             pos = hi
         return parts[0] if len(parts) == 1 else b"".join(parts)

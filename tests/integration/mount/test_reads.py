@@ -87,6 +87,15 @@ def test_cold_sequential_reads_fetch_every_byte_once_and_random_reads_use_cached
             assert len(f.read(MIB)) == MIB
         wait_for(lambda: _unread(port) > 0, "readahead to fetch ahead of the reader", 20)
     wait_for(lambda: _unread(port) == 0, "the closed reader's readahead to stop counting as unread", 20)
+    # A reader that starts in a block's middle never takes all of that block: it stops
+    # counting as unread once the reader closes too.
+    (m.path / "mid2").write_bytes(data[big][:20 * MIB])
+    drop_page_cache(m.path / "mid2")
+    with open(m.path / "mid2", "rb", buffering=0) as f:
+        f.seek(3 * MIB // 2)
+        while f.read(MIB):
+            pass
+    wait_for(lambda: _unread(port) == 0, "a block read from its middle to stop counting as unread", 20)
 
     # A cold sequential read: each byte once; one block (the default block_bytes) of slack
     # for a block that straddles two slices.

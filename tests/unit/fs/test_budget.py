@@ -93,3 +93,42 @@ def test_present_sees_cached_and_in_flight_blocks_without_counting_or_reordering
     assert cache.hits == 0 and cache.misses == 0
     cache.put(7, 3 * bb, b"\x03" * bb)  # block 0 is still the least recently used: it goes
     assert not cache.present(7, 0, bb) and cache.present(7, bb, 2 * bb)
+
+
+def test_a_block_is_done_once_its_readers_took_all_of_it_in_any_order() -> None:
+    """The kernel's readahead requests may be answered out of order: a read reaching a
+    block's end can come before one of its middle. The block stays unread (and keeps its
+    place) until every byte was taken, then goes first; a block readers took only part of
+    stays unread."""
+    bb = 4096
+    cache = BlockCache(capacity_bytes=3 * bb, block_bytes=bb)
+    for block in (0, 1, 2):
+        cache.put(7, block * bb, bytes([block]) * bb)
+    assert not cache.taken(7, 0, bb // 2)  # its second half first
+    assert cache.unread_bytes == 3 * bb
+    cache.put(7, 3 * bb, b"\x03" * bb)  # full: the LRU block 0 goes (nobody said it was done)
+    assert cache.get(7, 0, bb) is None and cache.unread_bytes == 3 * bb
+    assert not cache.taken(7, 1, bb // 2)
+    assert cache.taken(7, 1, bb // 2)  # the other half: done, first to go, no longer unread
+    assert cache.unread_bytes == 2 * bb
+    cache.put(7, 4 * bb, b"\x04" * bb)
+    assert cache.get(7, bb, 2 * bb) is None
+    assert all(cache.get(7, b * bb, (b + 1) * bb) == bytes([b]) * bb for b in (2, 3, 4))
+    assert cache.taken(7, 99, 1)  # not cached: nothing to wait for
+
+
+def test_taken_bytes_are_forgotten_with_their_entry() -> None:
+    """A block evicted half-read and fetched again starts counting from zero; replacing an
+    entry by a wider one keeps what readers took of it."""
+    bb = 4096
+    cache = BlockCache(capacity_bytes=2 * bb, block_bytes=bb)
+    cache.put(7, 0, b"\x00" * bb)
+    assert not cache.taken(7, 0, bb - 1)
+    cache.put(7, bb, b"\x01" * bb)
+    cache.put(7, 2 * bb, b"\x02" * bb)  # block 0 evicted
+    cache.put(7, 0, b"\x00" * bb)  # fetched again
+    assert not cache.taken(7, 0, 1)  # 1 of 4096, not 4096 of 4096
+    cache.put(7, 2 * bb + 100, b"\x02" * 100)  # a narrower put keeps the wider entry
+    assert not cache.taken(7, 2, bb - 1)
+    cache.put(7, 2 * bb, b"\x02" * bb)  # replaced by an entry as wide: the count stays
+    assert cache.taken(7, 2, 1)
