@@ -23,10 +23,11 @@ Phases of each file-system target (fio ``--ioengine=psync --iodepth=1``, JSON ou
    the mount once more — mount, store, store, mount — and a last check compares the
    means. This VM's disk drifts within seconds and the store target's own stream lies
    elsewhere on it; this comparison takes both out and leaves what the mount adds;
-   for the passthrough, fio reads its file once more with the source file in the page
+   for the passthrough, fio reads its file again with the source file in the page
    cache: no disk below, the FUSE layer alone — the most fio reads through a Python FUSE
    process on this machine (reported under the table, and noted on the seq-read check
-   when 80% of the store client is more than that);
+   when 80% of the store client is more than that); once with its own buffer, once with
+   a page-aligned one (``PAGE_ALIGNED``);
 3. 4 KiB random reads of that file at queue depth 1 for ``--rand-s`` seconds, with
    ``--direct=1`` when the target accepts O_DIRECT (probed on the file), else buffered —
    the table says which;
@@ -628,8 +629,8 @@ class Bench:
             self._phase(row, "read back (verified)", read)
 
     def hot_source_read(self, source: Path) -> Callable[[Path, Callable[[], str]], None]:
-        """After the passthrough's seq read: fio reads the file through it once more, its
-        source file read into the page cache first. No disk below, only the FUSE layer:
+        """After the passthrough's seq read: fio reads the file through it twice more (its
+        own buffer, then page-aligned), its source file read into the page cache first. No disk below, only the FUSE layer:
         the most fio reads through a Python FUSE process on this machine (informational,
         next to the checks that compare the mount with readers that are not FUSE)."""
         def after(data: Path, _read: Callable[[], str]) -> None:

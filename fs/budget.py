@@ -69,8 +69,8 @@ class BlockCache:
         self.block_bytes = block_bytes
         self.used_bytes = 0
         self._entries: OrderedDict[tuple[int, int], tuple[int, bytes | bytearray]] = OrderedDict()
-        self._unread: set[tuple[int, int]] = set()  # entries no reader has read to their end yet
-        self._taken: dict[tuple[int, int], int] = {}  # bytes of an unread entry its readers took so far
+        # Entries no reader has taken all of yet -> the bytes their readers took so far.
+        self._unread: dict[tuple[int, int], int] = {}
         self.unread_bytes = 0
         self.inflight: dict[tuple[int, int], _Fetch] = {}
         self.hits = 0
@@ -103,33 +103,29 @@ class BlockCache:
         if len(data) > self.capacity_bytes:
             return
         key = (extent_id, lo // self.block_bytes)
-        taken = self._taken.get(key, 0)
+        taken = self._unread.get(key, 0)  # (a replaced entry keeps what its readers took)
         old = self._drop(key)
         if old is not None and old[0] <= lo and old[0] + len(old[1]) >= lo + len(data):
             data, lo = old[1], old[0]  # keep the wider entry
-        if taken:
-            self._taken[key] = taken
         self._entries[key] = (lo, data)
         self.used_bytes += len(data)
-        self._unread.add(key)
+        self._unread[key] = taken
         self.unread_bytes += len(data)
         while self.used_bytes > self.capacity_bytes and self._entries:
             self._drop(next(iter(self._entries)))
 
     def _drop(self, key: tuple[int, int]) -> tuple[int, bytes | bytearray] | None:
         old = self._entries.pop(key, None)
-        self._taken.pop(key, None)
         if old is not None:
             self.used_bytes -= len(old[1])
-            if key in self._unread:
-                self._unread.discard(key)
+            if self._unread.pop(key, None) is not None:
                 self.unread_bytes -= len(old[1])
         return old
 
     def taken(self, extent_id: int, block: int, n: int) -> bool:
         """A sequential reader took ``n`` more bytes of this block's entry. Once its readers
         took as many bytes as the entry holds, the block is done with (:meth:`done_with`)
-        and True is returned (also when the block is not cached).
+        and True is returned (also when it is not cached, or done already).
 
         Counted, not "a read reached the entry's end": the kernel's readahead has several
         requests of a window in flight and the mount's tasks may answer them out of order,
@@ -138,28 +134,25 @@ class BlockCache:
         blocks of every GiB read sequentially were fetched twice, each a stall of the reader.
         """
         key = (extent_id, block)
-        entry = self._entries.get(key)
-        if entry is None:
+        if key not in self._unread:
             return True
-        taken = self._taken.get(key, 0) + n
-        if taken < len(entry[1]):
-            self._taken[key] = taken
+        taken = self._unread[key] + n
+        if taken < len(self._entries[key][1]):
+            self._unread[key] = taken
             return False
         self.done_with(extent_id, block)
         return True
 
     def done_with(self, extent_id: int, block: int) -> None:
-        """A sequential reader has read to the end of this block: make it the first to go
+        """Readers are done with this block (took all of it, or closed): make it the first to go
         (drop-behind). Least-recently-used order alone would evict the blocks readahead
         fetched *earliest* — the next ones the reader needs — once several readers'
         windows together approach the capacity, while consumed blocks (which the kernel's
         page cache holds for re-reads anyway) stayed."""
         key = (extent_id, block)
-        self._taken.pop(key, None)
         if key in self._entries:
             self._entries.move_to_end(key, last=False)
-            if key in self._unread:
-                self._unread.discard(key)
+            if self._unread.pop(key, None) is not None:
                 self.unread_bytes -= len(self._entries[key][1])
 
     def readahead_room(self) -> int:
@@ -173,5 +166,4 @@ class BlockCache:
     def clear(self) -> None:
         self._entries.clear()
         self._unread.clear()
-        self._taken.clear()
         self.used_bytes = self.unread_bytes = 0
