@@ -28,6 +28,7 @@ import errno
 import functools
 import itertools
 import logging
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -42,7 +43,7 @@ from appendfs.fs.config import FsConfig
 from appendfs.fs.files import Chunk, OpenFile, SegmentMap, overlay, place_pieces
 from appendfs.fs.objects import ObjectWriter, RangeReader, read_range
 from appendfs.fs.streams import StreamPool
-from appendfs.meta import Attr, DirEntry, FsError, Meta, MetaConfig, SessionExpired, resolve
+from appendfs.meta import Attr, DirEntry, FsError, Made, Meta, MetaConfig, SessionExpired, resolve
 from appendfs.meta.slices import Segment
 from appendfs.meta.txn import WouldBlock
 from appendfs.store.client import ClientConfig, StoreClient
@@ -60,6 +61,7 @@ _CAPS_XATTR = b"security.capability"
 PART_OWNER = "s3-part"  # owner of the streams multipart parts go to (DESIGN §8)
 _MAX_RESENDS = 3  # times a file's chunks are sent again after their stream broke, in a row
 _RELEASE_LINGER_S = 0.05  # closes released together (see _releaser)
+_DIR_AFTER_S = 0.1  # how long a directory's attributes as our create left them answer a getattr
 _CHECKPOINT_EVERY = 500  # inline commits between WAL checkpoints (SQLite's own default: 1000 pages)
 
 
@@ -108,6 +110,8 @@ class FileSystem:
         self._fh = itertools.count(1)
         self._seen_gen: OrderedDict[int, int] = OrderedDict()
         self._dir_cache: dict[int, tuple[Attr, str | None, float]] = {}
+        self._dir_after: dict[int, tuple[Attr, float]] = {}  # see _created_in
+        self.dir_attrs_reused = 0  # getattrs answered by _created_in's memory, not the namespace
         self._statfs: tuple[float, dict[str, int]] | None = None
         self._relieving = False
         self._session_lock = trio.Lock()
@@ -258,7 +262,36 @@ class FileSystem:
         return self._view(attr)
 
     async def getattr(self, ino: int) -> Attr:
+        after = self._dir_after.pop(ino, None)
+        if after is not None and after[1] > trio.current_time():
+            self.dir_attrs_reused += 1
+            return after[0]
         return await self._current(await self._read(self.meta.getattr, ino))
+
+    def _created_in(self, parent: int, made: Made) -> Attr:
+        """Remember the directory a create of ours just left unchanged, for one getattr.
+
+        The kernel drops a directory's cached attributes after every create in it, and the
+        next path walk through it asks for them again (its permission check): one namespace
+        read and one FUSE round trip per new file, ~5% of a small file's time. The create's
+        transaction read that row anyway (:class:`~appendfs.meta.types.Made`), so the one
+        getattr that follows within ``_DIR_AFTER_S`` (never past the attribute TTL; 0
+        turns this off) is answered with it: no staler than the copy the kernel dropped.
+        Any other change of ours to a directory forgets it (:meth:`_dirs_changed`).
+        Returns the new inode's attributes."""
+        ttl = min(self.cfg.attr_timeout_s, _DIR_AFTER_S)
+        if made.parent is None or ttl <= 0:
+            self._dir_after.pop(parent, None)
+        else:
+            if len(self._dir_after) > 4096:
+                self._dir_after.clear()
+            self._dir_after[parent] = (made.parent, trio.current_time() + ttl)
+        return made.attr
+
+    def _dirs_changed(self, *inos: int) -> None:
+        """Our own change to these directories ends their answer by :meth:`_created_in`."""
+        for ino in inos:
+            self._dir_after.pop(ino, None)
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
         return await self._current(await self._read(self.meta.lookup, parent, name))
@@ -281,6 +314,7 @@ class FileSystem:
             attr = await self._write(self.meta.setattr, ino, **changes)
             if of is not None:
                 of.adopt(attr)
+        self._dirs_changed(ino)  # after the commit: a create answered meanwhile read the row before it
         self._saw(attr)
         return self._view(attr)
 
@@ -295,29 +329,48 @@ class FileSystem:
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         _, policy = await self.parent_info(parent)
         inherit = {POLICY_XATTR: policy.encode()} if policy is not None else None
-        return await self._write(self.meta.mkdir, parent, name, mode, uid, gid, xattrs=inherit)
+        try:
+            return await self._write(self.meta.mkdir, parent, name, mode, uid, gid, xattrs=inherit)
+        finally:
+            self._dirs_changed(parent)
 
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int) -> Attr:
-        return await self._write(self.meta.mknod, parent, name, mode, uid, gid, rdev)
+        try:
+            return await self._write(self.meta.mknod, parent, name, mode, uid, gid, rdev)
+        finally:
+            self._dirs_changed(parent)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
-        return await self._write(self.meta.symlink, parent, name, target, uid, gid)
+        made = await self._write(self.meta.make, stat.S_IFLNK, parent, name, 0o777, uid, gid, target=target)
+        return self._created_in(parent, made)
 
     async def readlink(self, ino: int) -> bytes:
         return await self._read(self.meta.readlink, ino)
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
-        return self._view(await self._write(self.meta.link, ino, new_parent, new_name))
+        try:
+            return self._view(await self._write(self.meta.link, ino, new_parent, new_name))
+        finally:
+            self._dirs_changed(new_parent)
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        await self._write(self.meta.unlink, parent, name)
+        try:
+            await self._write(self.meta.unlink, parent, name)
+        finally:
+            self._dirs_changed(parent)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        await self._write(self.meta.rmdir, parent, name)
+        try:
+            await self._write(self.meta.rmdir, parent, name)
+        finally:
+            self._dir_after.clear()  # the parent, and the removed directory (unknown by number here)
         self._dir_cache.clear()
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
-        await self._write(self.meta.rename, parent, name, new_parent, new_name, flags)
+        try:
+            await self._write(self.meta.rename, parent, name, new_parent, new_name, flags)
+        finally:
+            self._dir_after.clear()  # both parents, and a moved directory's ctime and '..'
 
     async def readdir(self, ino: int, after: bytes | None, limit: int) -> list[DirEntry]:
         entries = await self._read(self.meta.readdir, ino, after, limit, plus=True)
@@ -360,6 +413,7 @@ class FileSystem:
         if name == POLICY_XATTR:
             value = check_policy(value)
         await self._write(self.meta.setxattr, ino, name, value, flags)
+        self._dirs_changed(ino)
         if name == POLICY_XATTR:
             self._dir_cache.pop(ino, None)
             of = self._files.get(ino)
@@ -368,6 +422,7 @@ class FileSystem:
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         await self._write(self.meta.removexattr, ino, name)
+        self._dirs_changed(ino)
         if name == POLICY_XATTR:
             self._dir_cache.pop(ino, None)
 
@@ -403,11 +458,13 @@ class FileSystem:
         inherit = {POLICY_XATTR: policy.encode()} if policy is not None else None
         sid = self.sid
         try:
-            attr = await self._write(self.meta.create, parent, name, mode, uid, gid, open_sid=sid, xattrs=inherit)
+            made = await self._write(self.meta.make, stat.S_IFREG, parent, name, mode, uid, gid, open_sid=sid,
+                                     xattrs=inherit)
         except SessionExpired:
             await self._renew_session(sid)
-            attr = await self._write(self.meta.create, parent, name, mode, uid, gid, open_sid=self.sid,
-                                    xattrs=inherit)
+            made = await self._write(self.meta.make, stat.S_IFREG, parent, name, mode, uid, gid,
+                                     open_sid=self.sid, xattrs=inherit)
+        attr = self._created_in(parent, made)
         self._note_no_caps(attr.ino, trio.current_time())  # a new file has no capabilities
         fh, _ = await self._open(attr.ino, flags, policy or self.cfg.redundancy, held=attr)
         return fh, attr
@@ -935,6 +992,7 @@ class FileSystem:
         return {"open_files": len(self._files), "handles": len(self._handles), "buffered_bytes": self.budget.used,
                 "cache_bytes": self.cache.used_bytes, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
                 "cache_unread_bytes": self.cache.unread_bytes, "read_fetch_bytes": self.read_fetch_bytes,
+                "dir_attrs_reused": self.dir_attrs_reused,
                 **self.meta.inline_stats, "wal_syncs": wal.syncs if wal is not None else 0}
 
 

@@ -48,6 +48,7 @@ from appendfs.meta.types import (
     Attr,
     DirEntry,
     ListResult,
+    Made,
     PutConditions,
     S3Bucket,
     S3Key,
@@ -217,6 +218,38 @@ class Meta:
 
     # --- creation ------------------------------------------------------------------------
 
+    def make(
+        self,
+        kind: int,
+        parent: int,
+        name: bytes | str,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        rdev: int = 0,
+        target: bytes | str | None = None,
+        open_sid: int | None = None,
+        xattrs: dict[bytes, bytes] | None = None,
+    ) -> Made:
+        """Create an inode of ``kind`` named ``name`` in directory ``parent``: what
+        :meth:`create`, :meth:`mknod`, :meth:`mkdir` and :meth:`symlink` (``target``) do,
+        answering also how the directory was left (:class:`~appendfs.meta.types.Made`)."""
+        if kind == stat.S_IFDIR:
+            return self._make("mkdir", parent, name, kind, mode, uid, gid, xattrs=xattrs)
+        if kind == stat.S_IFLNK:
+            t = ops.to_bytes(target if target is not None else b"")
+            if not t or b"\0" in t:
+                raise FsError(ops.errno.ENOENT if not t else ops.errno.EINVAL, "bad symlink target")
+            if len(t) >= ops.PATH_MAX:
+                raise FsError(ops.errno.ENAMETOOLONG, f"symlink target of {len(t)} bytes")
+            return self._make("symlink", parent, name, kind, 0o777, uid, gid, target=t)
+        if kind == stat.S_IFREG and not rdev:
+            return self._make("create", parent, name, kind, mode, uid, gid, open_sid=open_sid, xattrs=xattrs)
+        if kind not in schema.KINDS:
+            raise FsError(ops.errno.EINVAL, f"mknod of kind {kind:o}")
+        return self._make("mknod", parent, name, kind, mode, uid, gid, rdev)
+
     def _make(
         self,
         what: str,
@@ -230,35 +263,35 @@ class Meta:
         target: bytes | None = None,
         open_sid: int | None = None,
         xattrs: dict[bytes, bytes] | None = None,
-    ) -> Attr:
+    ) -> Made:
         n = ops.check_name(name)
         attrs = {ops.check_xattr_name(k): bytes(v) for k, v in (xattrs or {}).items()}
         new = ops.NewInode(self._inos.next(wait=not self._inline_now()), kind, mode, uid, gid, rdev, target)
         if open_sid is None and not attrs:
             return self._write(what, lambda c: ops.make(c, parent, n, new, time.time_ns(), self._gran))
 
-        def make_open(c: sa.Connection) -> Attr:
-            a = ops.make(c, parent, n, new, time.time_ns(), self._gran)
+        def make_open(c: sa.Connection) -> Made:
+            made = ops.make(c, parent, n, new, time.time_ns(), self._gran)
             if attrs:
-                ops.insert_xattrs(c, a.ino, attrs)
+                ops.insert_xattrs(c, made.attr.ino, attrs)
             if open_sid is not None:
-                data.hold_new(c, open_sid, a.ino)
-            return a
+                data.hold_new(c, open_sid, made.attr.ino)
+            return made
 
-        a = self._write(what, make_open)
+        made = self._write(what, make_open)
         if open_sid is not None:
             with self._open_lock:
-                self._open_counts[(open_sid, a.ino)] = 1
-        return a
+                self._open_counts[(open_sid, made.attr.ino)] = 1
+        return made
 
     def mknod(
         self, parent: int, name: bytes | str, mode: int, uid: int, gid: int, rdev: int = 0
     ) -> Attr:
         """Create a non-directory named by ``mode``'s S_IFMT (0 means a regular file)."""
         kind = stat.S_IFMT(mode) or stat.S_IFREG
-        if kind not in schema.KINDS or kind in (stat.S_IFDIR, stat.S_IFLNK):
+        if kind in (stat.S_IFDIR, stat.S_IFLNK):
             raise FsError(ops.errno.EINVAL, f"mknod of kind {kind:o}")
-        return self._make("mknod", parent, name, kind, mode, uid, gid, rdev)
+        return self.make(kind, parent, name, mode, uid, gid, rdev=rdev).attr
 
     def create(
         self, parent: int, name: bytes | str, mode: int, uid: int, gid: int, *,
@@ -267,23 +300,18 @@ class Meta:
         """Create a regular file; with ``open_sid`` it is also opened (as by :meth:`open`) in
         the same transaction, and ``xattrs`` are set in it too (inherited policies) — one
         commit for create-and-open instead of several."""
-        return self._make("create", parent, name, stat.S_IFREG, mode, uid, gid, open_sid=open_sid, xattrs=xattrs)
+        return self.make(stat.S_IFREG, parent, name, mode, uid, gid, open_sid=open_sid, xattrs=xattrs).attr
 
     def mkdir(
         self, parent: int, name: bytes | str, mode: int, uid: int, gid: int, *,
         xattrs: dict[bytes, bytes] | None = None,
     ) -> Attr:
-        return self._make("mkdir", parent, name, stat.S_IFDIR, mode, uid, gid, xattrs=xattrs)
+        return self.make(stat.S_IFDIR, parent, name, mode, uid, gid, xattrs=xattrs).attr
 
     def symlink(
         self, parent: int, name: bytes | str, target: bytes | str, uid: int, gid: int
     ) -> Attr:
-        t = ops.to_bytes(target)
-        if not t or b"\0" in t:
-            raise FsError(ops.errno.ENOENT if not t else ops.errno.EINVAL, "bad symlink target")
-        if len(t) >= ops.PATH_MAX:
-            raise FsError(ops.errno.ENAMETOOLONG, f"symlink target of {len(t)} bytes")
-        return self._make("symlink", parent, name, stat.S_IFLNK, 0o777, uid, gid, target=t)
+        return self.make(stat.S_IFLNK, parent, name, 0o777, uid, gid, target=target).attr
 
     def link(self, ino: int, new_parent: int, new_name: bytes | str) -> Attr:
         n = ops.check_name(new_name)

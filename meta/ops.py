@@ -38,7 +38,7 @@ from appendfs.meta import schema
 from appendfs.meta.errors import FsError
 from appendfs.meta.fastsql import Stmt
 from appendfs.meta.txn import Retry
-from appendfs.meta.types import Attr, DirEntry, StatFs
+from appendfs.meta.types import Attr, DirEntry, Made, StatFs
 
 I = schema.inode  # noqa: E741 - the table names read best short
 D = schema.dentry
@@ -522,8 +522,11 @@ class NewInode:
 
 def make(
     conn: sa.Connection, parent: int, name: bytes, new: NewInode, now: int, granularity_ns: int
-) -> Attr:
-    """mknod/create/mkdir/symlink: one new inode and its entry in ``parent``."""
+) -> Made:
+    """mknod/create/mkdir/symlink: one new inode and its entry in ``parent``.
+
+    ``Made.parent`` is the parent's row as read here when this transaction leaves it
+    unchanged (a non-directory, and the row's mtime within the granularity); else None."""
     p = require_dir(conn, parent, get_attr(conn, parent, lock="key_share"))
     is_dir = new.kind == stat.S_IFDIR
     size = len(new.target) if new.target is not None else 0
@@ -559,7 +562,9 @@ def make(
         # Skipped when the row we just read is recent enough: the UPDATE's own condition
         # would then match nothing (a concurrent change orders after this create).
         touch_dir(conn, parent, now, granularity_ns)
-    return a
+    else:
+        return Made(a, p)
+    return Made(a, None)
 
 
 def link(conn: sa.Connection, ino: int, parent: int, name: bytes, now: int) -> Attr:

@@ -428,7 +428,7 @@ def _mkdir(
     """A new directory in ``parent`` (a lost race with another creator or rmdir: Retry)."""
     new = ops.NewInode(ino, stat.S_IFDIR, owner.dir_mode, owner.uid, owner.gid)
     try:
-        a = ops.make(conn, parent, name, new, now, gran)
+        a = ops.make(conn, parent, name, new, now, gran).attr
     except FsError as e:
         raise Retry(f"directory {name!r} in {parent} changed: {e}") from e
     _inherit(conn, parent, a.ino, owner.inherit)

@@ -40,6 +40,17 @@ class Attr(NamedTuple):
         return self.kind == stat.S_IFDIR
 
 
+class Made(NamedTuple):
+    """What a create (mknod, mkdir, symlink) made: the new inode, and its directory as the
+    transaction left it when the transaction did not change it (the directory's mtime was
+    within ``dir_mtime_granularity_ns``), else None. The kernel drops its copy of a
+    directory's attributes after every create in it; this lets a client answer the
+    ``getattr`` that follows without reading the row again (fs/filesystem.py)."""
+
+    attr: Attr
+    parent: Attr | None
+
+
 class DirEntry(NamedTuple):
     """One readdir entry; ``attr`` is filled by readdir(plus=True)."""
 

@@ -7,6 +7,7 @@ connection the server dropped while idle in the Runner must be replaced, not reu
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 
 import pytest
@@ -131,6 +132,21 @@ def test_create_rewrites_dir_mtime_only_past_the_granularity(
     exact = open_meta_fn(meta_url, dir_mtime_granularity_ns=0)
     exact.create(d.ino, b"c", 0o644, 0, 0)
     assert exact.getattr(d.ino).gen == after.gen + 1  # 0: every create rewrites it
+
+
+def test_make_answers_the_parent_row_only_when_it_left_it_unchanged(
+    meta_url: str, open_meta_fn: Callable[..., Meta]
+) -> None:
+    """Made.parent is what a client may answer for the directory after its create."""
+    m = open_meta_fn(meta_url, dir_mtime_granularity_ns=10**18)
+    d = m.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    for kind, extra in ((stat.S_IFREG, {}), (stat.S_IFLNK, {"target": b"t"}), (stat.S_IFIFO, {})):
+        made = m.make(kind, d.ino, f"k{kind}".encode(), 0o644, 0, 0, **extra)
+        assert made.attr.kind == kind and made.parent == m.getattr(d.ino)
+    assert m.make(stat.S_IFDIR, d.ino, b"sub", 0o755, 0, 0).parent is None  # nlink + 1
+    m.setattr(d.ino, mtime_ns=1)
+    assert m.make(stat.S_IFREG, d.ino, b"late", 0o644, 0, 0).parent is None  # mtime rewritten
+    assert m.make(stat.S_IFREG, d.ino, b"next", 0o644, 0, 0).parent == m.getattr(d.ino)
 
 
 def test_readdir_plus_pages_match_readdir_and_getattr(meta: Meta) -> None:
