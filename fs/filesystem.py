@@ -43,7 +43,7 @@ from appendfs.fs.config import FsConfig
 from appendfs.fs.files import Chunk, OpenFile, SegmentMap, overlay, place_pieces
 from appendfs.fs.objects import ObjectWriter, RangeReader, read_range
 from appendfs.fs.streams import StreamPool
-from appendfs.meta import Attr, DirEntry, FsError, Made, Meta, MetaConfig, SessionExpired, resolve
+from appendfs.meta import Attr, DirEntry, FsError, Meta, MetaConfig, SessionExpired, resolve
 from appendfs.meta.slices import Segment
 from appendfs.meta.txn import WouldBlock
 from appendfs.store.client import ClientConfig, StoreClient
@@ -110,8 +110,8 @@ class FileSystem:
         self._fh = itertools.count(1)
         self._seen_gen: OrderedDict[int, int] = OrderedDict()
         self._dir_cache: dict[int, tuple[Attr, str | None, float]] = {}
-        self._dir_after: dict[int, tuple[Attr, float]] = {}  # see _created_in
-        self.dir_attrs_reused = 0  # getattrs answered by _created_in's memory, not the namespace
+        self._dir_after: dict[int, tuple[Attr, float]] = {}  # see _left_unchanged
+        self.dir_attrs_reused = 0  # getattrs answered by _left_unchanged's memory, not the namespace
         self._statfs: tuple[float, dict[str, int]] | None = None
         self._relieving = False
         self._session_lock = trio.Lock()
@@ -268,28 +268,27 @@ class FileSystem:
             return after[0]
         return await self._current(await self._read(self.meta.getattr, ino))
 
-    def _created_in(self, parent: int, made: Made) -> Attr:
-        """Remember the directory a create of ours just left unchanged, for one getattr.
+    def _left_unchanged(self, parent: int, row: Attr | None) -> None:
+        """Remember a directory that a create or unlink of ours left unchanged, for one getattr.
 
-        The kernel drops a directory's cached attributes after every create in it, and the
-        next path walk through it asks for them again (its permission check): one namespace
-        read and one FUSE round trip per new file, ~5% of a small file's time. The create's
-        transaction read that row anyway (:class:`~appendfs.meta.types.Made`), so the one
-        getattr that follows within ``_DIR_AFTER_S`` (never past the attribute TTL; 0
+        The kernel drops a directory's cached attributes after every create or unlink in
+        it, and the next path walk through it asks for them again (its permission check):
+        one namespace read and one FUSE round trip per file, ~5% of a small file's time.
+        The transaction read that row anyway (``row``: :class:`~appendfs.meta.types.Made`'s
+        ``parent``, or what ``Meta.unlink`` returns; None when it changed the row), so the
+        one getattr that follows within ``_DIR_AFTER_S`` (never past the attribute TTL; 0
         turns this off) is answered with it: no staler than the copy the kernel dropped.
-        Any other change of ours to a directory forgets it (:meth:`_dirs_changed`).
-        Returns the new inode's attributes."""
+        Any other change of ours to a directory forgets it (:meth:`_dirs_changed`)."""
         ttl = min(self.cfg.attr_timeout_s, _DIR_AFTER_S)
-        if made.parent is None or ttl <= 0:
+        if row is None or ttl <= 0:
             self._dir_after.pop(parent, None)
         else:
             if len(self._dir_after) > 4096:
                 self._dir_after.clear()
-            self._dir_after[parent] = (made.parent, trio.current_time() + ttl)
-        return made.attr
+            self._dir_after[parent] = (row, trio.current_time() + ttl)
 
     def _dirs_changed(self, *inos: int) -> None:
-        """Our own change to these directories ends their answer by :meth:`_created_in`."""
+        """Our own change to these directories ends their answer by :meth:`_left_unchanged`."""
         for ino in inos:
             self._dir_after.pop(ino, None)
 
@@ -342,7 +341,8 @@ class FileSystem:
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
         made = await self._write(self.meta.make, stat.S_IFLNK, parent, name, 0o777, uid, gid, target=target)
-        return self._created_in(parent, made)
+        self._left_unchanged(parent, made.parent)
+        return made.attr
 
     async def readlink(self, ino: int) -> bytes:
         return await self._read(self.meta.readlink, ino)
@@ -355,9 +355,11 @@ class FileSystem:
 
     async def unlink(self, parent: int, name: bytes) -> None:
         try:
-            await self._write(self.meta.unlink, parent, name)
-        finally:
+            row = await self._write(self.meta.unlink, parent, name)
+        except BaseException:
             self._dirs_changed(parent)
+            raise
+        self._left_unchanged(parent, row)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         try:
@@ -464,7 +466,8 @@ class FileSystem:
             await self._renew_session(sid)
             made = await self._write(self.meta.make, stat.S_IFREG, parent, name, mode, uid, gid,
                                      open_sid=self.sid, xattrs=inherit)
-        attr = self._created_in(parent, made)
+        attr = made.attr
+        self._left_unchanged(parent, made.parent)
         self._note_no_caps(attr.ino, trio.current_time())  # a new file has no capabilities
         fh, _ = await self._open(attr.ino, flags, policy or self.cfg.redundancy, held=attr)
         return fh, attr

@@ -319,9 +319,12 @@ class Meta:
 
     # --- removal and rename --------------------------------------------------------------
 
-    def unlink(self, parent: int, name: bytes | str) -> None:
+    def unlink(self, parent: int, name: bytes | str) -> Attr | None:
+        """Remove a non-directory's entry (the inode goes with its last link and open).
+        Returns the directory's attributes when the unlink left them unchanged (its mtime is
+        rewritten only past ``dir_mtime_granularity_ns``), else None: see :class:`Made`."""
         n = ops.check_name(name)
-        self._write("unlink", lambda c: ops.unlink(c, parent, n, time.time_ns(), self._gran))
+        return self._write("unlink", lambda c: ops.unlink(c, parent, n, time.time_ns(), self._gran))
 
     def rmdir(self, parent: int, name: bytes | str) -> None:
         n = ops.check_name(name)

@@ -585,7 +585,9 @@ def link(conn: sa.Connection, ino: int, parent: int, name: bytes, now: int) -> A
 # --- removal -------------------------------------------------------------------------------
 
 
-def unlink(conn: sa.Connection, parent: int, name: bytes, now: int, granularity_ns: int) -> None:
+def unlink(conn: sa.Connection, parent: int, name: bytes, now: int, granularity_ns: int) -> Attr | None:
+    """Remove a non-directory's entry; returns the parent's row as read here when this
+    transaction leaves it unchanged (its mtime within the granularity), else None."""
     found = get_dentry(conn, parent, name)
     if found is None:
         raise missing_entry(conn, parent, name)
@@ -602,6 +604,7 @@ def unlink(conn: sa.Connection, parent: int, name: bytes, now: int, granularity_
     drop_link(conn, a, now)
     if touch and parent in locked:
         update_inode(conn, locked[parent], mtime_ns=now, ctime_ns=now)
+    return None if touch else p
 
 
 def rmdir(conn: sa.Connection, parent: int, name: bytes, now: int) -> None:

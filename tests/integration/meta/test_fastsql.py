@@ -134,10 +134,10 @@ def test_create_rewrites_dir_mtime_only_past_the_granularity(
     assert exact.getattr(d.ino).gen == after.gen + 1  # 0: every create rewrites it
 
 
-def test_make_answers_the_parent_row_only_when_it_left_it_unchanged(
+def test_make_and_unlink_answer_the_parent_row_only_when_they_left_it_unchanged(
     meta_url: str, open_meta_fn: Callable[..., Meta]
 ) -> None:
-    """Made.parent is what a client may answer for the directory after its create."""
+    """Made.parent (and unlink's answer) is what a client may answer for the directory after."""
     m = open_meta_fn(meta_url, dir_mtime_granularity_ns=10**18)
     d = m.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
     for kind, extra in ((stat.S_IFREG, {}), (stat.S_IFLNK, {"target": b"t"}), (stat.S_IFIFO, {})):
@@ -147,6 +147,9 @@ def test_make_answers_the_parent_row_only_when_it_left_it_unchanged(
     m.setattr(d.ino, mtime_ns=1)
     assert m.make(stat.S_IFREG, d.ino, b"late", 0o644, 0, 0).parent is None  # mtime rewritten
     assert m.make(stat.S_IFREG, d.ino, b"next", 0o644, 0, 0).parent == m.getattr(d.ino)
+    assert m.unlink(d.ino, b"next") == m.getattr(d.ino)  # unlink: the same rule
+    m.setattr(d.ino, mtime_ns=1)
+    assert m.unlink(d.ino, b"late") is None
 
 
 def test_readdir_plus_pages_match_readdir_and_getattr(meta: Meta) -> None:
