@@ -61,7 +61,7 @@ _CAPS_XATTR = b"security.capability"
 PART_OWNER = "s3-part"  # owner of the streams multipart parts go to (DESIGN §8)
 _MAX_RESENDS = 3  # times a file's chunks are sent again after their stream broke, in a row
 _RELEASE_LINGER_S = 0.05  # closes released together (see _releaser)
-_DIR_AFTER_S = 0.1  # how long a directory's attributes as our create left them answer a getattr
+_DIR_AFTER_S = 0.1  # how long a directory's row as our create or unlink left it answers a getattr
 _CHECKPOINT_EVERY = 500  # inline commits between WAL checkpoints (SQLite's own default: 1000 pages)
 
 
@@ -299,6 +299,7 @@ class FileSystem:
         """chmod/chown/truncate/utimes. Pending writes are committed first, so an explicit
         mtime (``cp -p``) or a truncation is applied after them, not overtaken."""
         self._dir_cache.pop(ino, None)
+        self._dirs_changed(ino)  # (and again after the commit, below)
         of = self._files.get(ino)
         if of is not None and of.pending:
             await self._flush_file(of)
@@ -340,7 +341,16 @@ class FileSystem:
             self._dirs_changed(parent)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
-        made = await self._write(self.meta.make, stat.S_IFLNK, parent, name, 0o777, uid, gid, target=target)
+        return await self._make(stat.S_IFLNK, parent, name, 0o777, uid, gid, target=target)
+
+    async def _make(self, kind: int, parent: int, name: bytes, mode: int, uid: int, gid: int,
+                    **kw: Any) -> Attr:
+        """``Meta.make``, remembering the directory's row when it was left unchanged."""
+        try:
+            made = await self._write(self.meta.make, kind, parent, name, mode, uid, gid, **kw)
+        except BaseException:
+            self._dirs_changed(parent)  # (a commit whose outcome is unknown may have changed it)
+            raise
         self._left_unchanged(parent, made.parent)
         return made.attr
 
@@ -460,14 +470,10 @@ class FileSystem:
         inherit = {POLICY_XATTR: policy.encode()} if policy is not None else None
         sid = self.sid
         try:
-            made = await self._write(self.meta.make, stat.S_IFREG, parent, name, mode, uid, gid, open_sid=sid,
-                                     xattrs=inherit)
+            attr = await self._make(stat.S_IFREG, parent, name, mode, uid, gid, open_sid=sid, xattrs=inherit)
         except SessionExpired:
             await self._renew_session(sid)
-            made = await self._write(self.meta.make, stat.S_IFREG, parent, name, mode, uid, gid,
-                                     open_sid=self.sid, xattrs=inherit)
-        attr = made.attr
-        self._left_unchanged(parent, made.parent)
+            attr = await self._make(stat.S_IFREG, parent, name, mode, uid, gid, open_sid=self.sid, xattrs=inherit)
         self._note_no_caps(attr.ino, trio.current_time())  # a new file has no capabilities
         fh, _ = await self._open(attr.ino, flags, policy or self.cfg.redundancy, held=attr)
         return fh, attr
