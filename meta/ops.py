@@ -558,13 +558,13 @@ def make(
             .where(I.c.ino == parent)
             .values(nlink=I.c.nlink + 1, mtime_ns=now, ctime_ns=now, gen=I.c.gen + 1)
         )
-    elif granularity_ns == 0 or p.mtime_ns < now - granularity_ns:
+        return Made(a, None)
+    if granularity_ns == 0 or p.mtime_ns < now - granularity_ns:
         # Skipped when the row we just read is recent enough: the UPDATE's own condition
         # would then match nothing (a concurrent change orders after this create).
         touch_dir(conn, parent, now, granularity_ns)
-    else:
-        return Made(a, p)
-    return Made(a, None)
+        return Made(a, None)
+    return Made(a, p)  # the parent as it stays
 
 
 def link(conn: sa.Connection, ino: int, parent: int, name: bytes, now: int) -> Attr:

@@ -44,8 +44,9 @@ class Made(NamedTuple):
     """What a create (mknod, mkdir, symlink) made: the new inode, and its directory as the
     transaction left it when the transaction did not change it (the directory's mtime was
     within ``dir_mtime_granularity_ns``), else None. The kernel drops its copy of a
-    directory's attributes after every create in it; this lets a client answer the
-    ``getattr`` that follows without reading the row again (fs/filesystem.py)."""
+    directory's attributes after every create (or unlink, whose answer is the same row)
+    in it; this lets a client answer the ``getattr`` that follows without reading the row
+    again (fs/filesystem.py ``_left_unchanged``)."""
 
     attr: Attr
     parent: Attr | None
