@@ -45,6 +45,11 @@ class MountError(AppendfsError):
     """The mount cannot start; the message says why and what to do."""
 
 
+def _dead_mount(mountpoint: Path) -> MountError:
+    return MountError(f"{mountpoint} is a dead FUSE mount (its process died): run "
+                      f"`fusermount3 -u {mountpoint}` (or `umount -l {mountpoint}`), then mount again")
+
+
 def preflight(mountpoint: Path) -> None:
     try:
         st = os.stat(mountpoint)
@@ -52,12 +57,18 @@ def preflight(mountpoint: Path) -> None:
         raise MountError(f"mountpoint {mountpoint} does not exist (mkdir -p {mountpoint})") from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise MountError(f"{mountpoint} is a dead FUSE mount (its process died): run "
-                             f"`fusermount3 -u {mountpoint}` (or `umount -l {mountpoint}`), then mount again") from None
+            raise _dead_mount(mountpoint) from None
         raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
     if not os.path.isdir(mountpoint) or not (st.st_mode & 0o040000):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
+        # stat may have been answered from the kernel's attribute cache (for up to the
+        # attribute TTL after the server died); statfs always asks the FUSE server.
+        try:
+            os.statvfs(mountpoint)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise _dead_mount(mountpoint) from None
         raise MountError(f"{mountpoint} is busy: something is already mounted there (see `findmnt {mountpoint}`)")
     try:
         fd = os.open("/dev/fuse", os.O_RDWR)

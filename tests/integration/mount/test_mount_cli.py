@@ -15,6 +15,7 @@ from mounts import Mount, fuse_available
 from s3gw import Key, boto3_client
 
 from appendfs.mount.helper import build_argv
+from appendfs.mount.main import MountError, preflight
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +60,11 @@ def test_busy_missing_and_dead_mountpoints_get_one_clear_line(make_cluster: obje
     m: Mount = make_mount(cluster)  # type: ignore[operator]
     res = _run(cluster, "mount", "--meta", sqlite_url, "-f", str(m.path))
     assert res.returncode != 0 and "busy" in res.stderr and "Traceback" not in res.stderr
+    os.stat(m.path)  # the kernel caches the root's attributes (attr TTL 1 s)...
     m.popen.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
     m.popen.wait()  # type: ignore[union-attr]
+    with pytest.raises(MountError, match="dead FUSE mount"):
+        preflight(m.path)  # ...and may still answer stat from them: a dead mount is not "busy"
     res = _run(cluster, "mount", "--meta", sqlite_url, "-f", str(m.path))
     assert res.returncode != 0 and "dead FUSE mount" in res.stderr and "fusermount3 -u" in res.stderr
     m.detach()
