@@ -98,7 +98,7 @@ def fuse_errors(fn: F) -> F:
             if not cancelled:
                 took = time.perf_counter() - t0
                 if self.op_stats.record(where, took, err):
-                    log.warning("slow FUSE request: %s%s took %.1f s%s", where, _brief(args), took,
+                    log.warning("slow FUSE request: %s%s took %.3f s%s", where, _brief(args), took,
                                 f" and failed with {errno.errorcode.get(err, err)}" if err else "")
 
     return wrapper  # type: ignore[return-value]
