@@ -359,7 +359,7 @@ def node_drain(meta_url: str, node_id: str, cancel: bool) -> None:
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.option("-f", "--foreground", is_flag=True, help="stay in the foreground (default: daemon once mounted)")
 @click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
-              help="allow_other, fsname=NAME, ro/nosuid/nodev/noexec/noatime…; fstab's defaults/_netdev/noauto are ignored")
+              help="allow_other, direct_io, fsname=NAME, ro/nosuid/nodev/noexec/noatime…; fstab's defaults/_netdev/noauto are ignored")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None,
               help="daemon log [/var/log/appendfs/mount-<mountpoint>.log]")
 @click.option("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus /metrics here")
@@ -381,8 +381,8 @@ def mount_cmd(meta_url: str, config_file: Path | None, mountpoint: Path, foregro
             continue
         if key in KERNEL_OPTIONS:
             kernel.add(key)
-        elif key == "allow_other":
-            flags["allow_other"] = True
+        elif key in ("allow_other", "direct_io"):
+            flags[key] = True
         elif key == "fsname" and value:
             flags["fsname"] = value
         elif key == "default_permissions":

@@ -17,6 +17,9 @@ class MountConfig:
     fsname: str = option("appendfs", "the source shown by mount(8) and df")
     max_tasks: int = option(64, "FUSE requests served at once", positive)
     read_ahead_kb: int = option(4096, "kernel readahead of the mount (its bdi read_ahead_kb); 0 keeps the kernel's 128", non_negative)
+    direct_io: bool = option(False, "opens for reading only bypass the kernel's page cache: faster large sequential reads, "
+                             "no page cache filled by scans; a MAP_SHARED mmap of such an open fails (ENODEV) and each "
+                             "read(2) is one FUSE request (docs/mount.md)")
     metrics: str | None = option(None, "serve Prometheus /metrics on HOST:PORT", host_port)
     slow_request_s: float = option(5.0, "log a warning for each FUSE request that takes at least this long; 0: never",
                                    non_negative)

@@ -104,7 +104,7 @@ async def serve(meta_url: str, mountpoint: Path, mcfg: MountConfig, fcfg: FsConf
     from appendfs.mount.opstats import metric_families
 
     async with FileSystem.connect(meta_url, fcfg, ccfg, owner=f"mount:{os.uname().nodename}:{mountpoint}") as fs:
-        ops = Operations(fs, mcfg.slow_request_s)
+        ops = Operations(fs, mcfg.slow_request_s, direct_io=mcfg.direct_io)
         serve_metrics(mcfg.metrics, "appendfs_mount", lambda: {**fs.stats(), **fs.client.stats},
                       lambda: metric_families(ops.op_stats))
         try:

@@ -77,9 +77,10 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, slow_request_s: float = 0.0) -> None:
+    def __init__(self, fs: FileSystem, slow_request_s: float = 0.0, direct_io: bool = False) -> None:
         super().__init__()
         self.fs = fs
+        self.direct_io = direct_io  # read-only opens bypass the kernel's page cache ([mount] direct_io)
         self.attr_timeout_s = fs.cfg.attr_timeout_s
         self.entry_timeout_s = fs.cfg.entry_timeout_s
         self._lookups: dict[int, int] = {}
@@ -314,6 +315,13 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         """Close-to-open: keep the page cache only if no other client changed the file.
 
+        With ``[mount] direct_io`` an open for reading only bypasses the page cache
+        (FOPEN_DIRECT_IO): each read(2) becomes one FUSE read of the caller's size, answered
+        from our block cache and readahead, and copied once, into the caller's buffer. Opens
+        that may write keep the page cache, so a MAP_SHARED mmap of them works (the kernel
+        refuses one of a direct open with ENODEV: libfuse 3.14 cannot ask for
+        FUSE_DIRECT_IO_ALLOW_MMAP).
+
         libfuse 3 negotiates atomic O_TRUNC: the kernel sends no setattr before an
         ``open(O_TRUNC)`` of an existing file, the flag arrives here and truncating is ours."""
         async with _stale():
@@ -339,7 +347,8 @@ class Operations(pyfuse3.Operations):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
             except OSError as exc:
                 log.debug("open: invalidating attributes of inode %d: %s", inode, exc)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        direct = self.direct_io and (flags & os.O_ACCMODE) == os.O_RDONLY
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=direct)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
