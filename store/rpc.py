@@ -123,17 +123,25 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _send_locked(lock: trio.Lock, stream: trio.SocketStream, chunks: list[Any]) -> None:
+async def _send_locked(lock: trio.Lock, stream: trio.SocketStream, chunks: list[Any],
+                       torn: Callable[[BaseException], None] | None = None) -> None:
     """Send one frame's ``chunks`` whole under the connection's send ``lock``.
 
     Uncontended (the common case) the lock is taken without a yield: ``async with lock``
     always yields, and every yield is a trio task switch — with the hand-offs like it, they
     were most of a DataNode's CPU per small append (docs/benchmarks.md, session 15). A
-    closed stream raises OSError (EBADF) or trio.ClosedResourceError; callers take both."""
+    closed stream raises OSError (EBADF) or trio.ClosedResourceError; callers take both.
+
+    A frame is all or nothing on the byte stream: if the send stops part-way (cancelled
+    while the socket was full, as a LogStream cancels the other lanes of a failed extent),
+    the next frame would follow half of this one and the peer would read garbage. So
+    ``torn(exc)`` is called first — the channel must be closed before anyone sends again
+    (it runs before the lock is released)."""
     try:
         lock.acquire_nowait()
     except trio.WouldBlock:
         await lock.acquire()
+    started = False
     try:
         for chunk in chunks:
             # The socket is non-blocking: the kernel takes what fits at once, without the
@@ -144,8 +152,14 @@ async def _send_locked(lock: trio.Lock, stream: trio.SocketStream, chunks: list[
                 sent = os.write(stream.socket.fileno(), chunk)
             except BlockingIOError:
                 sent = 0
+            started = started or sent > 0
             if sent < len(chunk):
+                started = True  # send_all may write some bytes before it is cancelled
                 await stream.send_all(memoryview(chunk)[sent:])
+    except BaseException as exc:
+        if started and torn is not None:
+            torn(exc)
+        raise
     finally:
         lock.release()
 
@@ -232,11 +246,26 @@ class Channel:
         self._pending[req_id] = pending
         chunks = self._conn.send(Request(req_id=req_id, op=op, args=args or {}, data=data))
         try:
-            await _send_locked(self._send_lock, self._stream, chunks)
+            await _send_locked(self._send_lock, self._stream, chunks, self._torn)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(exc)
             raise ConnectionLost(f"sending to {self.address} failed: {exc}") from None
+        except BaseException:
+            # Cancelled: the caller never gets ``pending`` and nobody waits for its answer.
+            # Before a byte of the frame went out the connection is intact (the peer never
+            # sees the request); after, _torn has already broken it.
+            self._pending.pop(req_id, None)
+            raise
         return pending
+
+    def _torn(self, exc: BaseException) -> None:
+        """A frame was cut off mid-way (see _send_locked): this connection is unusable.
+        Marked broken (send refuses) and its socket closed at once, so no later frame
+        follows the torn one. The requests still in flight fail when the reader sees the
+        close — not here, inside the cancelled sender, whose callbacks are being undone."""
+        if self.broken is None:
+            self.broken = ConnectionLost(f"a request to {self.address} was cut off mid-frame ({exc!r})")
+        self._stream.socket.close()
 
     async def wait(self, pending: Pending, timeout_s: float = math.inf) -> tuple[dict[str, Any], bytes | bytearray]:
         """Wait for a request's answer; raise RpcError, ConnectionLost or trio.TooSlowError."""
@@ -435,8 +464,11 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, auth: Cl
     send_lock = trio.Lock()
     limit = trio.Semaphore(opts.max_inflight)
 
+    def torn(_exc: BaseException) -> None:  # an answer cut off mid-frame: later ones would be garbage
+        stream.socket.close()
+
     async def send(chunks: list[Any]) -> None:
-        await _send_locked(send_lock, stream, chunks)
+        await _send_locked(send_lock, stream, chunks, torn)
 
     async def run(req: Request, started: Started) -> None:
         try:
@@ -462,22 +494,32 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, auth: Cl
             if not isinstance(event, Authenticated):
                 raise ProtocolError("expected AUTH")
             await send(conn.authok())
+        failure: BaseException | None = None
         async with trio.open_nursery() as nursery:
-            while True:
-                event = conn.next_event()
-                if event is NEED_DATA:
-                    await _feed(conn, stream)
-                    continue
-                if isinstance(event, Closed):
-                    break
-                assert isinstance(event, Request)
-                try:
-                    limit.acquire_nowait()  # (no yield: see _send_locked)
-                except trio.WouldBlock:
-                    await limit.acquire()
-                started = Started()
-                nursery.start_soon(run, event, started)
-                await started.wait()
+            try:
+                while True:
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        await _feed(conn, stream)
+                        continue
+                    if isinstance(event, Closed):
+                        break
+                    assert isinstance(event, Request)
+                    try:
+                        limit.acquire_nowait()  # (no yield: see _send_locked)
+                    except trio.WouldBlock:
+                        await limit.acquire()
+                    started = Started()
+                    nursery.start_soon(run, event, started)
+                    await started.wait()
+            except (ProtocolError, ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError) as exc:
+                # Raised out of the nursery it would come as an ExceptionGroup, past the
+                # one-line reports below (a garbled frame logged a whole traceback).
+                failure = exc
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
     except ProtocolError as exc:
         _peer_log.warning("closing connection from %s: %s", peer, exc)
     except trio.TooSlowError:

@@ -93,6 +93,61 @@ async def test_a_client_vanishing_mid_request_does_not_disturb_the_server() -> N
         nursery.cancel_scope.cancel()
 
 
+async def test_a_request_cancelled_mid_frame_breaks_only_its_channel(caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (CI, session 21): a LogStream cancels the other lanes of a failed extent
+    while their large appends sit half-written in full socket buffers. The channel used
+    to stay in the pool, so the next request followed half a frame: the DataNode read
+    garbage ("bad magic"), reset the connection, the next extent failed the same way, and
+    the write failed after max_resends extent switches. A torn channel is now closed at
+    once: the pool's next channel is fresh and works, and a request cancelled before any
+    byte went out leaves its channel usable."""
+    import logging
+
+    release = trio.Event()
+
+    async def handler(req: Request, started: Started) -> tuple[dict[str, Any], bytes]:
+        if req.op == "hold":
+            await release.wait()  # not started: the server reads nothing more on this connection
+        started.started()
+        return {"n": len(req.data)}, b""
+
+    big = b"x" * (16 << 20)  # far more than the loopback socket buffers hold
+    async with trio.open_nursery() as nursery:
+        address = await _server(nursery, handler)
+        async with ChannelPool(AUTH) as pool:
+            ch = await pool.get(address)
+            held = await ch.send("hold", {})
+            with trio.move_on_after(0.5) as waited:
+                await ch.send("big", {}, big)
+            assert waited.cancelled_caught, "the big frame should have filled the socket buffers"
+            assert ch.broken is not None
+            with pytest.raises(ConnectionLost):
+                await ch.send("echo", {}, b"after")
+            with pytest.raises(ConnectionLost):
+                await ch.wait(held, 5)  # the reader saw the close: what was in flight failed
+            release.set()
+            with caplog.at_level(logging.WARNING, logger="appendfs.store.rpc"):
+                fresh = await pool.get(address)
+                assert fresh is not ch
+                assert await fresh.call("echo", {}, b"after", timeout_s=5) == ({"n": 5}, b"")
+                # cancelled while waiting for the send lock (no byte sent): the channel is fine
+                gate = trio.Event()
+
+                async def hog() -> None:
+                    await fresh.send("hold2", {}, big)  # finishes: the server reads it whole
+                    gate.set()
+                with trio.CancelScope() as scope:
+                    nursery.start_soon(hog)
+                    await trio.sleep(0)
+                    scope.cancel()
+                    await fresh.send("echo", {}, b"never")
+                await gate.wait()
+                assert fresh.broken is None
+                assert await fresh.call("echo", {}, b"still", timeout_s=5) == ({"n": 5}, b"")
+        assert not [r for r in caplog.records if "bad magic" in r.getMessage()]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_connection_holds_at_most_max_inflight_requests() -> None:
     """Requests beyond ``max_inflight`` wait unread until one in flight finishes (the
     server's memory bound per connection); all are answered in the end."""
