@@ -264,11 +264,11 @@ class LogStream:
                 if ext.failure.is_set():
                     unacked = list(ext.inflight)
                     ext.inflight.clear()
+                    pending.extendleft(reversed(unacked))  # before anything can raise: _break fails them
                     for op in unacked:
                         op.resends += 1
                         if op.resends > self.client.cfg.max_resends:
                             raise StoreError(f"append failed after {op.resends} extent switches: {ext.reason}")
-                    pending.extendleft(reversed(unacked))
                     log.warning("stream %d: extent %d failed (%s); sealing at %d and resending %d appends",
                                 self.stream_id, ext.extent_id, ext.reason, ext.acked, len(unacked))
                     await self._seal(ext)
@@ -286,8 +286,17 @@ class LogStream:
             self._stopped.set()
 
     def _break(self, err: BaseException, pending: deque[_Op]) -> None:
+        """Fail every append not yet acknowledged — held by the writer, in flight, or still
+        queued — so no ticket waits forever (a waiter may hold a file's flush, and through
+        it a FUSE request no signal can interrupt)."""
         self._broken = err
-        for op in list(pending) + (list(self._extent.inflight) if self._extent else []):
+        ops = list(pending) + (list(self._extent.inflight) if self._extent else [])
+        while True:
+            try:
+                ops.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        for op in ops:
             for ticket, _ in op.parts:
                 ticket._fail(err)
         if self._last is not None:

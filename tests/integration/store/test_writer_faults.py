@@ -28,6 +28,7 @@ from appendfs.store.datanode.config import DataNodeConfig
 from appendfs.store.datanode.extents import ExtentStore
 from appendfs.store.datanode.filebackend import FileBackend
 from appendfs.store.datanode.server import DataNode
+from appendfs.store.errors import StoreError
 from appendfs.store.identity import claim_data_dir, read_secret_file
 from appendfs.store.metanode.config import MetaNodeConfig
 from appendfs.store.metanode.schema import read_cluster
@@ -98,12 +99,12 @@ SEEDS = int(os.environ.get("APPENDFS_FAULT_SEEDS", "6"))
 
 
 @asynccontextmanager
-async def in_process_cluster(tmp_path: Path, seed: int) -> AsyncIterator[tuple[str, Engine, list[Node],
+async def in_process_cluster(tmp_path: Path, seed: int, extent_max_bytes: int = 1 << 20) -> AsyncIterator[tuple[str, Engine, list[Node],
                                                                                trio.Nursery]]:
-    """A MetaNode and four DataNodes in this process (SQLite, 1 MiB extents)."""
+    """A MetaNode and four DataNodes in this process (SQLite, 1 MiB extents unless told)."""
     url = f"sqlite:///{tmp_path}/meta.db"
     secret = tmp_path / "secret"
-    format_cluster(url, secret, extent_max_bytes=1 << 20)
+    format_cluster(url, secret, extent_max_bytes=extent_max_bytes)
     engine = make_engine(url)
     row = read_cluster(engine)
     mcfg = MetaNodeConfig(listen="127.0.0.1:0", lease_ttl_s=10, dead_after_s=0.5, election_interval_s=0.1)
@@ -129,10 +130,10 @@ async def in_process_cluster(tmp_path: Path, seed: int) -> AsyncIterator[tuple[s
 
 
 @asynccontextmanager
-async def one_stream(tmp_path: Path, seed: int, redundancy: str,
-                     cfg: ClientConfig) -> AsyncIterator[tuple[StoreClient, LogStream, list[Node]]]:
+async def one_stream(tmp_path: Path, seed: int, redundancy: str, cfg: ClientConfig,
+                     extent_max_bytes: int = 1 << 20) -> AsyncIterator[tuple[StoreClient, LogStream, list[Node]]]:
     """A client with ``cfg`` and one new ``redundancy`` stream on :func:`in_process_cluster`."""
-    async with in_process_cluster(tmp_path, seed) as (url, engine, nodes, _nursery), \
+    async with in_process_cluster(tmp_path, seed, extent_max_bytes) as (url, engine, nodes, _nursery), \
             StoreClient.connect(url, cfg, engine=engine) as client:
         yield client, await client.create_stream("raw", redundancy), nodes
 
@@ -220,6 +221,68 @@ async def test_a_replica_that_stops_answering_is_failed_after_the_append_timeout
             pieces = await ticket.wait()
             assert all(p.extent_id != ext.extent_id or p.ext_off + p.length <= ext.acked for p in pieces)
             assert await read_back(client, ticket) == data
+
+
+async def test_a_datanode_dying_under_large_appends_costs_one_extent_switch(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (CI, session 21): with 1 MiB appends pipelined on rep:3, a DataNode dies
+    while the lanes to the other two sit in the middle of sending a frame. The failed
+    extent cancelled those sends half-way and the torn connections stayed in the pool: the
+    next extent's first append reached its DataNodes after half a frame ("bad magic"), so
+    it failed too, and the next, until the write failed after max_resends switches. Now
+    a torn connection is closed at once and the next extent gets fresh ones: one switch
+    per death, every append reads back."""
+    import logging
+
+    cfg = ClientConfig(append_bytes=1 << 20, window_bytes=16 << 20, max_resends=3)
+    async with one_stream(tmp_path, 5, "rep:3", cfg, extent_max_bytes=256 << 20) as (client, stream, nodes):
+        rng = random.Random(5)
+        blocks = [rng.randbytes(1 << 20) for _ in range(8)]
+        written = []
+        with caplog.at_level(logging.WARNING):
+            for i in range(96):
+                written.append((await stream.append(blocks[i % 8]), blocks[i % 8]))
+                if i in (40, 70):  # the window is full: every lane has appends in flight
+                    ext = stream._extent
+                    assert ext is not None
+                    victim = next(n for n in nodes if n.datanode is not None and n.kills == 0
+                                  and n.datanode.ident.node_id == ext.replicas[0]["node_id"])
+                    victim.kill()
+            with trio.fail_after(60):
+                await stream.close()
+        garbled = [r.getMessage() for r in caplog.records if "bad magic" in r.getMessage()]
+        assert not garbled, garbled[:3]
+        assert 2 <= stream.switches <= 3, stream.switches  # one per death (+1 if placed on the dead one)
+        for ticket, data in written:
+            assert await read_back(client, ticket) == data
+
+
+async def test_a_stream_out_of_resends_fails_every_append(tmp_path: Path) -> None:
+    """Regression (CI, session 21): when an append ran out of extent switches the stream
+    broke, but the appends in flight were in neither list it failed — their tickets
+    waited forever, and with them a file's flush in the mount (a FUSE request that not
+    even SIGKILL interrupts). Now every append of a broken stream fails: in flight,
+    held by the writer, or still queued."""
+    cfg = ClientConfig(append_bytes=64 << 10, window_bytes=1 << 20, append_timeout_s=0.5, max_resends=1)
+    async with one_stream(tmp_path, 13, "rep:3", cfg) as (_client, stream, nodes):
+        hang = trio.Event()  # never set: no DataNode answers an append any more
+
+        async def never_answer(*args: object, **kw: object) -> int:
+            await hang.wait()
+            raise AssertionError("unreachable")
+
+        for n in nodes:
+            assert n.datanode is not None
+            n.datanode.store.append = never_answer  # type: ignore[method-assign]
+        rng = random.Random(13)
+        tickets = [await stream.append(rng.randbytes(50_000)) for _ in range(12)]
+        with trio.fail_after(30):
+            for ticket in tickets:
+                with pytest.raises(StoreError, match="extent switches"):
+                    await ticket.wait()
+            with pytest.raises(StoreError):
+                await stream.flush()
+        assert stream.failed is not None
 
 
 async def test_a_buffer_that_changes_after_append_is_stored_as_it_was(tmp_path: Path) -> None:
