@@ -636,8 +636,19 @@ class FileSystem:
             return
         of.sending = d  # reads (and the size this client reports) must still see it meanwhile
         try:
-            stream = await self.streams.stream_for(of.redundancy, of.ino)
-            d.ticket = await stream.append(d.parts, frozen=True)  # a sent chunk never changes
+            while True:
+                stream = await self.streams.stream_for(of.redundancy, of.ino)
+                try:
+                    d.ticket = await stream.append(d.parts, frozen=True)  # a sent chunk never changes
+                    break
+                except StoreError as exc:
+                    # The stream broke while this write waited for window space: like the
+                    # chunks already sent (_resend), this one goes to a fresh stream.
+                    if not self._may_resend(of, exc):
+                        raise
+                    of.resends += 1
+                    log.warning("inode %d: stream failed (%s); sending %d bytes at %d on a new stream (try %d)",
+                                of.ino, exc, d.length, d.file_off, of.resends)
         except Exception as exc:
             self.budget.give(d.length)
             log.error("inode %d: %d bytes at %d not stored: %s", of.ino, d.length, d.file_off, exc)
@@ -693,7 +704,7 @@ class FileSystem:
         outage, no healthy DataNodes for too long): append those chunks again on a fresh
         stream — their bytes are still here — instead of failing the file. Bounded; never
         for a full cluster. False when the error stands."""
-        if isinstance(exc, NoSpace) or not isinstance(exc, StoreError) or of.resends >= _MAX_RESENDS:
+        if not self._may_resend(of, exc):
             return False
         of.resends += 1
         log.warning("inode %d: stream failed (%s); sending %d chunks again on a new stream (try %d)",
@@ -707,6 +718,12 @@ class FileSystem:
             log.error("inode %d: cannot send again: %s", of.ino, again)
             return False
         return True
+
+    @staticmethod
+    def _may_resend(of: OpenFile, exc: BaseException) -> bool:
+        """Whether ``of``'s chunks go to a new stream after ``exc`` broke theirs: a store
+        failure, not a full cluster, and not more than _MAX_RESENDS times in a row."""
+        return isinstance(exc, StoreError) and not isinstance(exc, NoSpace) and of.resends < _MAX_RESENDS
 
     def _fail_pending(self, of: OpenFile, exc: BaseException) -> None:
         lost = sum(c.length for c in of.sent)

@@ -3,6 +3,8 @@
 * a DataNode is SIGKILLed in the middle of a large write: the store client seals the
   broken extent, re-places it on the healthy nodes (degraded: two of three, DESIGN §7) and
   resends; the application sees neither error nor wrong byte, then or after a remount;
+* two DataNodes freeze long enough to break the file's LogStream: the file layer sends
+  the unacknowledged chunks to a new stream and the write completes once they are back;
 * the mount process is SIGKILLed while files are being written: after a remount the
   namespace is sound and everything acknowledged by fsync is there, byte for byte;
 * the metadata database goes away for a while: operations fail with EIO within a bounded
@@ -41,10 +43,15 @@ def same_bytes(src: Path, dst: Path) -> bool:
 
 
 @contextmanager
-def watchdog(proc: subprocess.Popen[bytes], timeout_s: float) -> Iterator[None]:
+def watchdog(proc: subprocess.Popen[bytes], m: Mount, timeout_s: float) -> Iterator[None]:
     """SIGKILL ``proc`` if it is still running after ``timeout_s``: a hang fails the test
-    (the reader of its output sees EOF) instead of blocking the suite."""
-    timer = threading.Timer(timeout_s, proc.kill)
+    (the reader of its output sees EOF) instead of blocking the suite. The mount dies
+    first: a program waiting in a FUSE request is not ended even by SIGKILL until the
+    request is answered or aborted (in CI a hung flush once blocked the run for 80 min)."""
+    def expire() -> None:
+        m.kill()
+        proc.kill()
+    timer = threading.Timer(timeout_s, expire)
     timer.start()
     try:
         yield
@@ -88,7 +95,7 @@ def test_datanode_killed_during_a_large_write(meta_url: str, make_cluster, make_
     killed_at = None
     last = b""
     with subprocess.Popen([sys.executable, "-c", COPY, str(src), str(dst)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE) as proc, watchdog(proc, 300):
+                          stderr=subprocess.PIPE) as proc, watchdog(proc, m, 240):
         assert proc.stdout is not None and proc.stderr is not None
         for line in proc.stdout:
             words = line.split()
@@ -113,6 +120,49 @@ def test_datanode_killed_during_a_large_write(meta_url: str, make_cluster, make_
     assert any(nodes == alive for nodes in nodes_of.values()), nodes_of
 
     m.stop()  # a fresh mount: no page cache, no block cache, the slice map from the database
+    m.start()
+    assert same_bytes(src, m.path / "big.bin")
+    assert check_namespace(c.meta_url) == []
+
+
+def test_a_stream_that_breaks_under_a_write_is_replaced(sqlite_url: str, make_cluster, make_mount,
+                                                       tmp_path: Path) -> None:
+    """Two of three DataNodes freeze (SIGSTOP) in the middle of a large write, for longer
+    than the client waits for a placement: the file's LogStream breaks while the writer
+    is blocked on its window. The file layer sends every unacknowledged chunk — the ones
+    in flight and the one the blocked write was handing over — to a new stream, so once
+    the nodes answer again the write completes and reads back byte for byte. (The blocked
+    chunk used to be dropped with EIO; before that, the broken stream's in-flight tickets
+    never completed and the writer hung in flush.)"""
+    c: Cluster = make_cluster(sqlite_url, env={"APPENDFS_CLIENT_PLACEMENT_WAIT_S": "3"})
+    m: Mount = make_mount(c, env={"APPENDFS_CLIENT_APPEND_TIMEOUT_S": "1"})
+    src = random_file(tmp_path / "src.bin", 96 * MiB, seed=67)
+    dst = m.path / "big.bin"
+    frozen = [c.datanodes[0], c.datanodes[1]]
+    last = b""
+    with subprocess.Popen([sys.executable, "-c", COPY, str(src), str(dst)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc, watchdog(proc, m, 240):
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            for line in proc.stdout:
+                words = line.split()
+                if words[0] == b"written" and int(words[1]) == 24 * MiB:
+                    for dn in frozen:
+                        assert dn.popen is not None
+                        dn.popen.send_signal(signal.SIGSTOP)
+                    wait_for(lambda: "on a new stream" in m.text(), "the file layer to replace the broken stream", 60)
+                    for dn in frozen:
+                        dn.popen.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                last = line
+        finally:
+            for dn in frozen:
+                if dn.alive:
+                    dn.popen.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        err = proc.stderr.read().decode(errors="replace")
+        proc.wait(timeout=240)
+    assert proc.returncode == 0 and last == b"closed\n", err[-3000:]
+    assert "not stored" not in m.text() and "not committed" not in m.text()
+    m.stop()
     m.start()
     assert same_bytes(src, m.path / "big.bin")
     assert check_namespace(c.meta_url) == []
@@ -193,7 +243,7 @@ def test_mount_killed_while_files_are_written(meta_url: str, make_cluster, make_
     log_synced = 0
     started: float | None = None
     with subprocess.Popen([sys.executable, "-c", WRITERS, str(d)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE) as proc, watchdog(proc, 300):
+                          stderr=subprocess.PIPE) as proc, watchdog(proc, m, 240):
         assert proc.stdout is not None and proc.stderr is not None
         for line in proc.stdout:
             words = line.decode().split()
