@@ -25,6 +25,38 @@ settings.register_profile("explore", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+#: A test still running after this long is taken as hung (the slowest take ~20 s).
+HANG_S = float(os.environ.get("APPENDFS_TEST_HANG_S", "300"))
+
+
+@pytest.fixture(autouse=True)
+def hang_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A hang in a mount must fail its test, not block the suite until CI's time runs out.
+
+    A program (or this process) waiting in a FUSE request the mount never answers cannot
+    be interrupted, not even by SIGKILL, and neither can anyone waiting for it. After
+    HANG_S this kills the test's mounts: the kernel aborts their requests, every blocked
+    call returns ENOTCONN, and the test fails with its mounts' logs (make_mount prints them).
+    pytest-timeout (pyproject) is the backstop for hangs elsewhere: it dumps every
+    thread's stack and ends the run."""
+    import threading
+
+    def expire() -> None:
+        hung = list(Mount.live)
+        print(f"\n{request.node.nodeid}: still running after {HANG_S:.0f} s; killing its "
+              f"{len(hung)} FUSE mount(s) so blocked calls return", flush=True)
+        for m in hung:
+            m.kill()
+
+    timer = threading.Timer(HANG_S, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[tuple[str, ThrowawayPostgres | None]]:
     # fsync=off (APPENDFS_TEST_PG_FSYNC=on to keep it): nothing here crashes the machine's

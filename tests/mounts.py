@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import ClassVar
 
 from cluster import APPENDFS, Cluster, wait_for
 
@@ -40,6 +41,9 @@ def fuse_available() -> str | None:
 
 
 class Mount:
+    #: Mounts started and not yet stopped or killed, for the suite's hang guard (conftest).
+    live: ClassVar[set[Mount]] = set()
+
     def __init__(self, cluster: Cluster, path: Path, *args: str, env: dict[str, str] | None = None,
                  name: str = "mount") -> None:
         self.cluster = cluster
@@ -60,6 +64,7 @@ class Mount:
             if self.popen is not None and self.popen.poll() is not None:
                 raise AssertionError(f"mount exited with {self.popen.returncode}:\n{self.text()[-3000:]}")
             return os.path.ismount(self.path)
+        Mount.live.add(self)
         wait_for(up, f"{self.path} to be mounted", timeout_s)
         return self
 
@@ -81,13 +86,18 @@ class Mount:
                 self.popen.wait()
         else:
             code = self.popen.returncode
+        Mount.live.discard(self)
         self.detach()
         return code
 
     def kill(self) -> None:
+        """SIGKILL: the kernel aborts every request the mount had not answered (a program
+        blocked in one gets ENOTCONN — the one way to end a call stuck in a FUSE request,
+        which not even SIGKILL of the program interrupts)."""
         if self.popen is not None and self.popen.poll() is None:
             self.popen.send_signal(signal.SIGKILL)
             self.popen.wait()
+        Mount.live.discard(self)
         self.detach()
 
     def detach(self) -> None:
