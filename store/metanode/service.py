@@ -386,7 +386,8 @@ class MetaNode:
                                          "index": slots[i]}, timeout_s=self.cfg.create_timeout_s)
                 results[i] = True
             except (ConnectionLost, RpcError, trio.TooSlowError) as exc:
-                log.warning("create of extent %d on %s failed: %s", extent_id, cand.node_id, exc)
+                why = f"no answer within {self.cfg.create_timeout_s:g} s" if isinstance(exc, trio.TooSlowError) else exc
+                log.warning("create of extent %d on %s failed: %s", extent_id, cand.node_id, why)
                 if isinstance(exc, RpcError) and exc.code == "no_space":
                     self._mark_full(cand.node_id)
         async with trio.open_nursery() as nursery:
