@@ -150,6 +150,7 @@ class LogStream:
         self._window = trio.Semaphore(self._slots)
         self._send, self._recv = trio.open_memory_channel[_Op](self._slots)
         self._last: Ticket | None = None
+        self._tickets: deque[Ticket] = deque()  # in append order; done ones dropped as appends come
         self._broken: BaseException | None = None
         self._extent: _Extent | None = None
         self._seq = 0
@@ -184,6 +185,10 @@ class LogStream:
             ticket.done.set()
             return ticket
         self._last = ticket
+        tickets = self._tickets
+        while tickets and tickets[0].done.is_set():
+            tickets.popleft()
+        tickets.append(ticket)
         for part in parts:
             # A free window slot and a queue with room (the common case) cost no yield: each
             # yield is a trio task switch, a measurable part of a small file's CPU. The
@@ -279,28 +284,21 @@ class LogStream:
                 self._extent = None
         except BaseException as exc:
             err = exc if isinstance(exc, StoreError) else StoreError(f"stream {self.stream_id} failed: {exc!r}")
-            self._break(err, pending)
+            self._break(err)
             if not isinstance(exc, Exception):
                 raise
         finally:
             self._stopped.set()
 
-    def _break(self, err: BaseException, pending: deque[_Op]) -> None:
-        """Fail every append not yet acknowledged — held by the writer, in flight, or still
-        queued — so no ticket waits forever (a waiter may hold a file's flush, and through
-        it a FUSE request no signal can interrupt)."""
+    def _break(self, err: BaseException) -> None:
+        """Fail every append not yet acknowledged — held by the writer, in flight, still
+        queued, or in the middle of being coalesced or encoded — so no ticket waits forever
+        (a waiter may hold a file's flush, and through it a FUSE request no signal can
+        interrupt). Every unfinished ticket is in ``_tickets``, whatever op holds it."""
         self._broken = err
-        ops = list(pending) + (list(self._extent.inflight) if self._extent else [])
-        while True:
-            try:
-                ops.append(self._recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-        for op in ops:
-            for ticket, _ in op.parts:
-                ticket._fail(err)
-        if self._last is not None:
-            self._last._fail(err)
+        for ticket in self._tickets:
+            ticket._fail(err)
+        self._tickets.clear()
         self._recv.close()
         for _ in range(self._slots):  # wake appenders blocked on the window: they see the error
             self._window.release()
