@@ -151,6 +151,9 @@ class LogStream:
         self._send, self._recv = trio.open_memory_channel[_Op](self._slots)
         self._last: Ticket | None = None
         self._tickets: deque[Ticket] = deque()  # in append order; done ones dropped as appends come
+        # nodes that failed this stream's extents since its last full one: the MetaNode places
+        # the next extent on others while it has enough (placement.choose)
+        self._avoid: set[str] = set()
         self._broken: BaseException | None = None
         self._extent: _Extent | None = None
         self._seq = 0
@@ -263,6 +266,7 @@ class LogStream:
                 if self._extent is None or self._extent.length + self._span(pending[0]) > self.extent_max_bytes:
                     if self._extent is not None:
                         await self._seal(self._extent)
+                        self._avoid.clear()  # a full extent: its nodes (and earlier ones) worked
                     self._extent = await self._allocate()
                 ext = self._extent
                 await self._run_extent(ext, pending)
@@ -277,6 +281,7 @@ class LogStream:
                     log.warning("stream %d: extent %d failed (%s); sealing at %d and resending %d appends",
                                 self.stream_id, ext.extent_id, ext.reason, ext.acked, len(unacked))
                     await self._seal(ext)
+                    self._avoid |= ext.failed_nodes  # the next extent goes elsewhere if it can
                     self._extent = None
                     self.switches += 1
             if self._extent is not None:
@@ -304,7 +309,7 @@ class LogStream:
             self._window.release()
 
     async def _allocate(self) -> _Extent:
-        avoid = sorted(self._extent.failed_nodes) if self._extent is not None else []
+        avoid = sorted(self._avoid)
         try:
             m = await self.client.meta.call(
                 "alloc_extent", {"stream_id": self.stream_id, "holder": self.client.holder, "avoid": avoid,

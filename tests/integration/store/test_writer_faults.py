@@ -194,7 +194,10 @@ async def test_a_replica_that_stops_answering_is_failed_after_the_append_timeout
     """A DataNode that keeps its connections and heartbeats but never answers appends (a
     hung disk): the writer fails that replica once ``append_timeout_s`` passes without an
     answer, seals the extent at what all replicas acknowledged, and resends the rest to a
-    new extent placed on other nodes. Every append reads back."""
+    new extent placed on other nodes. Every append reads back.
+
+    The MetaNode's placement is seeded: with the old, empty avoid list, seed 11 put the
+    next extent on the frozen node again (checked)."""
     cfg = ClientConfig(append_bytes=64 << 10, window_bytes=1 << 20, append_timeout_s=1.0)
     async with one_stream(tmp_path, 11, "rep:3", cfg) as (client, stream, nodes):
         rng = random.Random(11)
@@ -212,11 +215,24 @@ async def test_a_replica_that_stops_answering_is_failed_after_the_append_timeout
             raise AssertionError("unreachable")
 
         frozen.datanode.store.append = never_answer  # type: ignore[method-assign]
+        placed: list[set[str]] = []  # the nodes of each extent allocated from here on
+        allocate = stream._allocate
+
+        async def spy() -> object:
+            new = await allocate()
+            placed.append({r["node_id"] for r in new.replicas})
+            return new
+        stream._allocate = spy  # type: ignore[method-assign]
         written += [(await stream.append(data), data) for data in (rng.randbytes(20_000) for _ in range(5))]
         with trio.fail_after(60):
             await stream.close()
-        assert stream.switches >= 1
         assert frozen.datanode.ident.node_id in ext.failed_nodes
+        # The writer names the failed node when it asks for the next extent, and with three
+        # other nodes alive the MetaNode places it without that one: a single switch. (It
+        # used to send an empty list, so each new extent landed on the frozen node again
+        # with odds 3 in 4, costing an append timeout each time.)
+        assert placed and all(frozen.datanode.ident.node_id not in nodes for nodes in placed), placed
+        assert stream.switches == 1
         for ticket, data in written:
             pieces = await ticket.wait()
             assert all(p.extent_id != ext.extent_id or p.ext_off + p.length <= ext.acked for p in pieces)
