@@ -71,6 +71,7 @@ class NodeLive:
     last_seen: float  # trio.current_time() of the last heartbeat
     devices: list[dict[str, Any]] = field(default_factory=list)
     persisted_at: float = -math.inf
+    unreachable_at: float = -math.inf  # when a create on it last failed to connect or time out
 
 
 class MetaNode:
@@ -316,7 +317,7 @@ class MetaNode:
         policy = parse_policy(srow.redundancy)
         need, minimum = policy.width, policy.write_min(self.cfg.write_min, self.cfg.ec_missing_max)
         extent_id = await self._next_id("extent")
-        avoid_set = frozenset(avoid or ())
+        avoid_set = frozenset(avoid or ()) | self._suspects()
         placed: list[tuple[Candidate, int]] = []
         failed: set[str] = set()
         for _round in range(3):
@@ -388,12 +389,24 @@ class MetaNode:
             except (ConnectionLost, RpcError, trio.TooSlowError) as exc:
                 why = f"no answer within {self.cfg.create_timeout_s:g} s" if isinstance(exc, trio.TooSlowError) else exc
                 log.warning("create of extent %d on %s failed: %s", extent_id, cand.node_id, why)
+                if not isinstance(exc, RpcError) and (live := self.nodes.get(cand.node_id)) is not None:
+                    live.unreachable_at = trio.current_time()
                 if isinstance(exc, RpcError) and exc.code == "no_space":
                     self._mark_full(cand.node_id)
         async with trio.open_nursery() as nursery:
             for i, cand in enumerate(chosen):
                 nursery.start_soon(one, i, cand)
         return results
+
+    def _suspects(self) -> frozenset[str]:
+        """Nodes a create could not reach and that have not heartbeated since: placed on
+        only if nothing else will do (like a writer's ``avoid``), until ``dead_after_s``
+        declares them dead or a heartbeat clears them. Without this, every allocation in
+        the seconds after a DataNode died tried a create on it first — instant when the
+        connection is refused, ``create_timeout_s`` when the host is gone."""
+        now = trio.current_time()
+        return frozenset(n.node_id for n in self.nodes.values()
+                         if n.unreachable_at > n.last_seen and now - n.unreachable_at < self.cfg.dead_after_s)
 
     def _mark_full(self, node_id: str) -> None:
         n = self.nodes.get(node_id)
