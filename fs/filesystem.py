@@ -117,6 +117,8 @@ class FileSystem:
         self._session_lock = trio.Lock()
         self._release_q: list[int] = []
         self._releasing: set[int] = set()
+        self._kernel_held: set[int] = set()  # unlinked or replaced, held until the kernel forgets them
+        self._hold_lock = trio.Lock()  # see _release_batch
         self._release_wake = trio.Event()
         self._released = trio.Event()
         self._part_streams: StreamPool | None = None
@@ -363,13 +365,30 @@ class FileSystem:
         finally:
             self._dirs_changed(new_parent)
 
-    async def unlink(self, parent: int, name: bytes) -> None:
+    async def unlink(self, parent: int, name: bytes, *, kernel_held: bool = False) -> int | None:
+        """Remove a name. With ``kernel_held`` (the mount), a file losing its last name is
+        kept, held by this client, until :meth:`forget` — the FUSE contract: the kernel
+        resolved the name to the inode before the unlink and may still send FUSE_OPEN for
+        it (another process's open racing the unlink), which must then open the unlinked
+        file as a local filesystem would, not fail. Returns that inode's number, or None."""
+        sid = self.sid if kernel_held else None
         try:
-            row = await self._write(self.meta.unlink, parent, name)
+            async with self._hold_lock:
+                row, held = await self._write(self.meta.unlink_holding, sid, parent, name)
         except BaseException:
             self._dirs_changed(parent)
             raise
         self._left_unchanged(parent, row)
+        if held is not None:
+            self._kernel_held.add(held)
+        return held
+
+    def forget(self, ino: int) -> None:
+        """The kernel forgot ``ino``: drop the hold :meth:`unlink` or :meth:`rename` kept
+        for it, if any (the inode goes if nothing else holds it)."""
+        if ino in self._kernel_held:
+            self._kernel_held.discard(ino)
+            self._release_later(ino)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         try:
@@ -378,11 +397,18 @@ class FileSystem:
             self._dir_after.clear()  # the parent, and the removed directory (unknown by number here)
         self._dir_cache.clear()
 
-    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0,
+                     *, kernel_held: bool = False) -> int | None:
+        """Rename; a replaced file losing its last name is kept as :meth:`unlink` keeps it."""
+        sid = self.sid if kernel_held else None
         try:
-            await self._write(self.meta.rename, parent, name, new_parent, new_name, flags)
+            async with self._hold_lock:
+                held = await self._write(self.meta.rename, parent, name, new_parent, new_name, flags, sid)
         finally:
             self._dir_after.clear()  # both parents, and a moved directory's ctime and '..'
+        if held is not None:
+            self._kernel_held.add(held)
+        return held
 
     async def readdir(self, ino: int, after: bytes | None, limit: int) -> list[DirEntry]:
         entries = await self._read(self.meta.readdir, ino, after, limit, plus=True)
@@ -487,8 +513,13 @@ class FileSystem:
         attr = held
         if attr is None and ino in self._release_q:  # closed a moment ago: our hold was not dropped yet
             current = await self._read(self.meta.getattr, ino)
-            if ino in self._release_q:  # (still: the read may have let the releaser run)
-                if current.nlink == 0:
+            if current.nlink == 0 and ino not in self._kernel_held and self._hold_lock.locked():
+                # An unlink of ours may have committed without having noted yet that it
+                # keeps the inode for the kernel: wait for it.
+                async with self._hold_lock:
+                    pass
+            if ino in self._release_q:  # (still: the reads may have let the releaser run)
+                if current.nlink == 0 and ino not in self._kernel_held:
                     # Only our lingering hold keeps it: another client removed or replaced
                     # the name (an S3 PUT). Opened by a name the kernel still caches, it must
                     # fail as if the hold were gone (the mount answers ESTALE and the kernel
@@ -580,7 +611,11 @@ class FileSystem:
             return
         self._releasing = set(batch)
         try:
-            await self._write(self.meta.release_many, self.sid, batch)
+            # Under the hold lock: a hold unlink/rename adds to an inode's count while this
+            # batch is dropping it could be dropped with it (the counts change outside the
+            # transactions that write the hold rows).
+            async with self._hold_lock:
+                await self._write(self.meta.release_many, self.sid, batch)
         except Exception as exc:  # the holds stay until the session ends; unlinked files wait for that
             log.warning("releasing %d closed files: %s", len(batch), exc)
         finally:
@@ -996,6 +1031,7 @@ class FileSystem:
             log.error("session %d was declared dead (missed heartbeats); opening a new one", dead_sid)
             self.sid = await self._meta(self.meta.open_session, None)
             self._release_q.clear()  # those holds died with the old session
+            self._kernel_held.clear()
             for ino in [i for i, of in self._files.items() if of.handles]:
                 try:
                     await self._meta(self.meta.open, self.sid, ino)

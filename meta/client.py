@@ -323,21 +323,46 @@ class Meta:
         """Remove a non-directory's entry (the inode goes with its last link and open).
         Returns the directory's attributes when the unlink left them unchanged (its mtime is
         rewritten only past ``dir_mtime_granularity_ns``), else None: see :class:`Made`."""
+        return self.unlink_holding(None, parent, name)[0]
+
+    def unlink_holding(
+        self, sid: int | None, parent: int, name: bytes | str
+    ) -> tuple[Attr | None, int | None]:
+        """:meth:`unlink`; with ``sid``, an inode losing its last name is not destroyed but
+        held by that session as if open one more time (its number is returned second):
+        a mount keeps the inodes the kernel still knows until it forgets them. The caller
+        drops that hold with :meth:`release` or :meth:`release_many`, like an open's."""
         n = ops.check_name(name)
-        return self._write("unlink", lambda c: ops.unlink(c, parent, n, time.time_ns(), self._gran))
+        row, held = self._write(
+            "unlink", lambda c: ops.unlink(c, parent, n, time.time_ns(), self._gran, sid)
+        )
+        if held is not None and sid is not None:
+            self._count_hold(sid, held)
+        return row, held
+
+    def _count_hold(self, sid: int, ino: int) -> None:
+        with self._open_lock:
+            self._open_counts[(sid, ino)] = self._open_counts.get((sid, ino), 0) + 1
 
     def rmdir(self, parent: int, name: bytes | str) -> None:
         n = ops.check_name(name)
         self._write("rmdir", lambda c: ops.rmdir(c, parent, n, time.time_ns()))
 
     def rename(
-        self, parent: int, name: bytes | str, new_parent: int, new_name: bytes | str, flags: int = 0
-    ) -> None:
-        """rename/renameat2: flags 0, RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2)."""
+        self, parent: int, name: bytes | str, new_parent: int, new_name: bytes | str, flags: int = 0,
+        hold_sid: int | None = None,
+    ) -> int | None:
+        """rename/renameat2: flags 0, RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2). With
+        ``hold_sid``, a replaced file losing its last name is held, not destroyed, and its
+        number returned: see :meth:`unlink_holding`."""
         a, b = ops.check_name(name), ops.check_name(new_name)
-        self._write(
-            "rename", lambda c: ops.rename(c, parent, a, new_parent, b, flags, time.time_ns())
+        held: int | None = self._write(
+            "rename",
+            lambda c: ops.rename(c, parent, a, new_parent, b, flags, time.time_ns(), hold_sid),
         )
+        if held is not None and hold_sid is not None:
+            self._count_hold(hold_sid, held)
+        return held
 
     # --- attributes and xattrs -----------------------------------------------------------
 

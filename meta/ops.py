@@ -396,14 +396,34 @@ def delete_uploads(conn: sa.Connection, upload_ids: Sequence[str]) -> None:
         conn.execute(sa.delete(U).where(U.c.upload_id.in_(chunk)))
 
 
-def drop_link(conn: sa.Connection, a: Attr, now: int) -> None:
-    """A non-directory lost one dentry (already deleted): decrement nlink, maybe destroy."""
+def hold_orphan(conn: sa.Connection, sid: int, ino: int) -> bool:
+    """Make session ``sid`` hold ``ino`` (about to lose its last name) as if open; False
+    when the session is gone (then nothing is held and the caller goes on without)."""
+    ss, se = schema.sustained, schema.session
+    alive = sa.select(se.c.sid).where(se.c.sid == sid).with_for_update(read=True, key_share=True)
+    if conn.execute(alive).first() is None:
+        return False
+    if conn.execute(sa.select(ss.c.sid).where(ss.c.sid == sid, ss.c.ino == ino)).first() is None:
+        conn.execute(ss.insert().values(sid=sid, ino=ino))
+    return True
+
+
+def drop_link(conn: sa.Connection, a: Attr, now: int, hold_sid: int | None = None) -> bool:
+    """A non-directory lost one dentry (already deleted): decrement nlink, maybe destroy.
+
+    With ``hold_sid``, an inode losing its last name is kept, held by that session, instead
+    of destroyed: a mount does so for inodes the kernel still knows (see
+    ``FileSystem.unlink``). Returns True when this call took such a hold."""
     if a.nlink > 1:
         update_inode(conn, a, nlink=a.nlink - 1, ctime_ns=now)
+    elif hold_sid is not None and hold_orphan(conn, hold_sid, a.ino):
+        update_inode(conn, a, nlink=0, ctime_ns=now)
+        return True
     elif is_open(conn, a.ino):
         update_inode(conn, a, nlink=0, ctime_ns=now)
     else:
         destroy_inode(conn, a, now)
+    return False
 
 
 def delete_dentry(conn: sa.Connection, parent: int, name: bytes, ino: int) -> None:
@@ -585,9 +605,13 @@ def link(conn: sa.Connection, ino: int, parent: int, name: bytes, now: int) -> A
 # --- removal -------------------------------------------------------------------------------
 
 
-def unlink(conn: sa.Connection, parent: int, name: bytes, now: int, granularity_ns: int) -> Attr | None:
-    """Remove a non-directory's entry; returns the parent's row as read here when this
-    transaction leaves it unchanged (its mtime within the granularity), else None."""
+def unlink(
+    conn: sa.Connection, parent: int, name: bytes, now: int, granularity_ns: int,
+    hold_sid: int | None = None,
+) -> tuple[Attr | None, int | None]:
+    """Remove a non-directory's entry. Returns the parent's row as read here when this
+    transaction leaves it unchanged (its mtime within the granularity), else None; and the
+    inode ``hold_sid`` now holds in place of destroying it (:func:`drop_link`), else None."""
     found = get_dentry(conn, parent, name)
     if found is None:
         raise missing_entry(conn, parent, name)
@@ -601,10 +625,10 @@ def unlink(conn: sa.Connection, parent: int, name: bytes, now: int, granularity_
     if a is None:
         raise Retry("inode vanished before we locked it")
     delete_dentry(conn, parent, name, ino)
-    drop_link(conn, a, now)
+    held = ino if drop_link(conn, a, now, hold_sid) else None
     if touch and parent in locked:
         update_inode(conn, locked[parent], mtime_ns=now, ctime_ns=now)
-    return None if touch else p
+    return (None if touch else p), held
 
 
 def rmdir(conn: sa.Connection, parent: int, name: bytes, now: int) -> None:
@@ -667,8 +691,11 @@ def _rename_checks(r: _Rename) -> bool:
 
 
 def rename(
-    conn: sa.Connection, sp: int, sn: bytes, dp: int, dn: bytes, flags: int, now: int
-) -> None:
+    conn: sa.Connection, sp: int, sn: bytes, dp: int, dn: bytes, flags: int, now: int,
+    hold_sid: int | None = None,
+) -> int | None:
+    """Returns the replaced inode ``hold_sid`` now holds in place of destroying it
+    (:func:`drop_link`), else None."""
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
         raise FsError(errno.EINVAL, f"bad rename flags {flags:#x}")
     src = get_dentry(conn, sp, sn)
@@ -677,7 +704,7 @@ def rename(
     require_dir(conn, dp)
     r = _Rename(sp, sn, dp, dn, flags, src, get_dentry(conn, dp, dn))
     if not _rename_checks(r):
-        return
+        return None
     moves_dir = sp != dp and (
         src[1] == stat.S_IFDIR
         or (flags & RENAME_EXCHANGE and r.dst is not None and r.dst[1] == stat.S_IFDIR)
@@ -710,8 +737,8 @@ def rename(
     if flags & RENAME_EXCHANGE:
         assert r.dst is not None
         _exchange(conn, r, locked, now)
-    else:
-        _move(conn, r, locked, now)
+        return None
+    return _move(conn, r, locked, now, hold_sid)
 
 
 def _parents_update(
@@ -722,8 +749,11 @@ def _parents_update(
         update_inode(conn, p, nlink=p.nlink + delta, mtime_ns=now, ctime_ns=now)
 
 
-def _move(conn: sa.Connection, r: _Rename, locked: dict[int, Attr], now: int) -> None:
+def _move(
+    conn: sa.Connection, r: _Rename, locked: dict[int, Attr], now: int, hold_sid: int | None
+) -> int | None:
     a = locked[r.src[0]]
+    held = None
     deltas = {r.sp: 0, r.dp: 0}
     if r.dst is not None:
         b = locked[r.dst[0]]
@@ -742,8 +772,8 @@ def _move(conn: sa.Connection, r: _Rename, locked: dict[int, Attr], now: int) ->
         if b.is_dir:
             destroy_inode(conn, b, now)
             deltas[r.dp] -= 1
-        else:
-            drop_link(conn, b, now)
+        elif drop_link(conn, b, now, hold_sid):
+            held = b.ino
     else:
         delete_dentry(conn, r.sp, r.sn, a.ino)
         conn.execute(D.insert().values(parent=r.dp, name=r.dn, ino=a.ino, kind=a.kind))
@@ -754,6 +784,7 @@ def _move(conn: sa.Connection, r: _Rename, locked: dict[int, Attr], now: int) ->
     else:
         update_inode(conn, a, ctime_ns=now)
     _parents_update(conn, locked, deltas, now)
+    return held
 
 
 def _exchange(conn: sa.Connection, r: _Rename, locked: dict[int, Attr], now: int) -> None:

@@ -146,6 +146,7 @@ class Operations(pyfuse3.Operations):
             else:
                 self._lookups.pop(ino, None)
                 self._removed_dirs.pop(ino, None)
+                self.fs.forget(ino)
 
     async def _getattr(self, ino: int) -> Attr:
         """fs.getattr, except that a directory removed through this mount but still held
@@ -245,7 +246,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.fs.unlink(parent_inode, name)
+        """A file losing its last name stays (unlinked, held) until the kernel forgets it:
+        FUSE_OPEN may still come for it (see :meth:`FileSystem.unlink`)."""
+        self._keep_until_forgotten(await self.fs.unlink(parent_inode, name, kernel_held=True))
+
+    def _keep_until_forgotten(self, held: int | None) -> None:
+        if held is not None and self._lookups.get(held, 0) == 0:  # the kernel never had it
+            self.fs.forget(held)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -260,7 +267,8 @@ class Operations(pyfuse3.Operations):
         """renameat2: 0, RENAME_NOREPLACE or RENAME_EXCHANGE; RENAME_WHITEOUT is EINVAL."""
         if flags & ~(pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self._keep_until_forgotten(
+            await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, kernel_held=True))
 
     # ---- directories ----------------------------------------------------------------
 
