@@ -65,6 +65,46 @@ _DIR_AFTER_S = 0.1  # how long a directory's row as our create or unlink left it
 _CHECKPOINT_EVERY = 500  # inline commits between WAL checkpoints (SQLite's own default: 1000 pages)
 
 
+class _HoldGate:
+    """Unlinks and renames that may keep an inode for the kernel (any number at once)
+    against release batches (one at a time, alone). Hold counts live in the client
+    (``Meta._open_counts``): a batch decides from them which holds it drops, so an unlink
+    adding to an inode's count meanwhile could have its hold dropped by the batch."""
+
+    def __init__(self) -> None:
+        self._in_flight: set[trio.Event] = set()
+        self._batch: trio.Event | None = None  # set when the running batch ends
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        while self._batch is not None:
+            await self._batch.wait()
+        done = trio.Event()
+        self._in_flight.add(done)
+        try:
+            yield
+        finally:
+            self._in_flight.discard(done)
+            done.set()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        while self._batch is not None:
+            await self._batch.wait()
+        self._batch = ended = trio.Event()  # from now on new unlinks wait
+        try:
+            await self.settle()
+            yield
+        finally:
+            self._batch = None
+            ended.set()
+
+    async def settle(self) -> None:
+        """Wait for the unlinks and renames in flight now."""
+        for done in list(self._in_flight):
+            await done.wait()
+
+
 @dataclass(eq=False)
 class Handle:
     """One open file description (FUSE ``fh``); tracks sequential reading for readahead."""
@@ -118,7 +158,7 @@ class FileSystem:
         self._release_q: list[int] = []
         self._releasing: set[int] = set()
         self._kernel_held: set[int] = set()  # unlinked or replaced, held until the kernel forgets them
-        self._hold_lock = trio.Lock()  # see _release_batch
+        self._holds = _HoldGate()
         self._release_wake = trio.Event()
         self._released = trio.Event()
         self._part_streams: StreamPool | None = None
@@ -373,7 +413,7 @@ class FileSystem:
         file as a local filesystem would, not fail. Returns that inode's number, or None."""
         sid = self.sid if kernel_held else None
         try:
-            async with self._hold_lock:
+            async with self._holds.shared():
                 row, held = await self._write(self.meta.unlink_holding, sid, parent, name)
         except BaseException:
             self._dirs_changed(parent)
@@ -402,7 +442,7 @@ class FileSystem:
         """Rename; a replaced file losing its last name is kept as :meth:`unlink` keeps it."""
         sid = self.sid if kernel_held else None
         try:
-            async with self._hold_lock:
+            async with self._holds.shared():
                 held = await self._write(self.meta.rename, parent, name, new_parent, new_name, flags, sid)
         finally:
             self._dir_after.clear()  # both parents, and a moved directory's ctime and '..'
@@ -513,11 +553,10 @@ class FileSystem:
         attr = held
         if attr is None and ino in self._release_q:  # closed a moment ago: our hold was not dropped yet
             current = await self._read(self.meta.getattr, ino)
-            if current.nlink == 0 and ino not in self._kernel_held and self._hold_lock.locked():
+            if current.nlink == 0 and ino not in self._kernel_held:
                 # An unlink of ours may have committed without having noted yet that it
-                # keeps the inode for the kernel: wait for it.
-                async with self._hold_lock:
-                    pass
+                # keeps the inode for the kernel: wait for those in flight.
+                await self._holds.settle()
             if ino in self._release_q:  # (still: the reads may have let the releaser run)
                 if current.nlink == 0 and ino not in self._kernel_held:
                     # Only our lingering hold keeps it: another client removed or replaced
@@ -611,10 +650,9 @@ class FileSystem:
             return
         self._releasing = set(batch)
         try:
-            # Under the hold lock: a hold unlink/rename adds to an inode's count while this
-            # batch is dropping it could be dropped with it (the counts change outside the
-            # transactions that write the hold rows).
-            async with self._hold_lock:
+            # Alone (see _HoldGate): the counts change outside the transactions that write
+            # the hold rows.
+            async with self._holds.exclusive():
                 await self._write(self.meta.release_many, self.sid, batch)
         except Exception as exc:  # the holds stay until the session ends; unlinked files wait for that
             log.warning("releasing %d closed files: %s", len(batch), exc)
