@@ -25,7 +25,14 @@ from appendfs.meta import schema
 from appendfs.meta import slices as sl
 from appendfs.meta.errors import FsError, SessionExpired
 from appendfs.meta.fastsql import Stmt
-from appendfs.meta.ops import destroy_inode, get_attr, is_open, update_inode
+from appendfs.meta.ops import (
+    INSERT_HOLD,
+    SESSION_ALIVE,
+    destroy_inode,
+    get_attr,
+    is_open,
+    update_inode,
+)
 from appendfs.meta.txn import Retry
 from appendfs.meta.types import Attr
 
@@ -45,10 +52,6 @@ _INSERT_SLICE = Stmt(
         extent_id=_bp("extent_id"), ext_off=_bp("ext_off"),
     )
 )
-_SESSION_ALIVE = Stmt(
-    lambda _d: sa.select(SE.c.sid).where(SE.c.sid == _bp("b_sid")).with_for_update(read=True, key_share=True)
-)
-_INSERT_HOLD = Stmt(lambda _d: SS.insert().values(sid=_bp("sid"), ino=_bp("ino")))
 _DELETE_HOLD = Stmt(lambda _d: sa.delete(SS).where(SS.c.sid == _bp("b_sid"), SS.c.ino == _bp("b_ino")))
 
 
@@ -245,9 +248,9 @@ def open_file(conn: sa.Connection, sid: int, ino: int) -> Attr:
 
 def hold_new(conn: sa.Connection, sid: int, ino: int) -> None:
     """Record that ``sid`` holds the inode it is creating in this transaction open."""
-    if _SESSION_ALIVE.first(conn, b_sid=sid) is None:
+    if SESSION_ALIVE.first(conn, b_sid=sid) is None:
         raise SessionExpired(f"session {sid} was declared dead and cleaned up")
-    _INSERT_HOLD.rowcount(conn, sid=sid, ino=ino)
+    INSERT_HOLD.rowcount(conn, sid=sid, ino=ino)
 
 
 def release_file(conn: sa.Connection, sid: int, ino: int, now: int) -> None:

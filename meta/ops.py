@@ -347,9 +347,17 @@ def touch_dir(conn: sa.Connection, parent: int, now: int, granularity_ns: int) -
         _TOUCH_DIR_ALWAYS.rowcount(conn, b_ino=parent, b_now=now)
 
 
+_SS, _SE = schema.sustained, schema.session
+SESSION_ALIVE = Stmt(
+    lambda _d: sa.select(_SE.c.sid).where(_SE.c.sid == _bp("b_sid")).with_for_update(read=True, key_share=True)
+)
+INSERT_HOLD = Stmt(lambda _d: _SS.insert().values(sid=_bp("sid"), ino=_bp("ino")))
+_HELD_BY = Stmt(lambda _d: sa.select(_SS.c.sid).where(_SS.c.sid == _bp("b_sid"), _SS.c.ino == _bp("b_ino")))
+_HELD = Stmt(lambda _d: sa.select(_SS.c.sid).where(_SS.c.ino == _bp("b_ino")).limit(1))
+
+
 def is_open(conn: sa.Connection, ino: int) -> bool:
-    t = schema.sustained
-    return conn.execute(sa.select(t.c.sid).where(t.c.ino == ino).limit(1)).first() is not None
+    return _HELD.first(conn, b_ino=ino) is not None
 
 
 def destroy_inode(conn: sa.Connection, a: Attr, now: int) -> None:
@@ -399,12 +407,10 @@ def delete_uploads(conn: sa.Connection, upload_ids: Sequence[str]) -> None:
 def hold_orphan(conn: sa.Connection, sid: int, ino: int) -> bool:
     """Make session ``sid`` hold ``ino`` (about to lose its last name) as if open; False
     when the session is gone (then nothing is held and the caller goes on without)."""
-    ss, se = schema.sustained, schema.session
-    alive = sa.select(se.c.sid).where(se.c.sid == sid).with_for_update(read=True, key_share=True)
-    if conn.execute(alive).first() is None:
+    if SESSION_ALIVE.first(conn, b_sid=sid) is None:
         return False
-    if conn.execute(sa.select(ss.c.sid).where(ss.c.sid == sid, ss.c.ino == ino)).first() is None:
-        conn.execute(ss.insert().values(sid=sid, ino=ino))
+    if _HELD_BY.first(conn, b_sid=sid, b_ino=ino) is None:
+        INSERT_HOLD.rowcount(conn, sid=sid, ino=ino)
     return True
 
 
