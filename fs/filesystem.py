@@ -43,7 +43,16 @@ from appendfs.fs.config import FsConfig
 from appendfs.fs.files import Chunk, OpenFile, SegmentMap, overlay, place_pieces
 from appendfs.fs.objects import ObjectWriter, RangeReader, read_range
 from appendfs.fs.streams import StreamPool
-from appendfs.meta import Attr, DirEntry, FsError, Meta, MetaConfig, SessionExpired, resolve
+from appendfs.meta import (
+    Attr,
+    DirEntry,
+    FsError,
+    Meta,
+    MetaConfig,
+    Replaced,
+    SessionExpired,
+    resolve,
+)
 from appendfs.meta.slices import Segment
 from appendfs.meta.txn import WouldBlock
 from appendfs.store.client import ClientConfig, StoreClient
@@ -438,17 +447,18 @@ class FileSystem:
         self._dir_cache.clear()
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0,
-                     *, kernel_held: bool = False) -> int | None:
-        """Rename; a replaced file losing its last name is kept as :meth:`unlink` keeps it."""
+                     *, kernel_held: bool = False) -> Replaced:
+        """Rename; a replaced file losing its last name is kept as :meth:`unlink` keeps it.
+        Returns what the rename removed at its target."""
         sid = self.sid if kernel_held else None
         try:
             async with self._holds.shared():
-                held = await self._write(self.meta.rename, parent, name, new_parent, new_name, flags, sid)
+                done: Replaced = await self._write(self.meta.rename, parent, name, new_parent, new_name, flags, sid)
         finally:
             self._dir_after.clear()  # both parents, and a moved directory's ctime and '..'
-        if held is not None:
-            self._kernel_held.add(held)
-        return held
+        if done.held is not None:
+            self._kernel_held.add(done.held)
+        return done
 
     async def readdir(self, ino: int, after: bytes | None, limit: int) -> list[DirEntry]:
         entries = await self._read(self.meta.readdir, ino, after, limit, plus=True)

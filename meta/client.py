@@ -50,6 +50,7 @@ from appendfs.meta.types import (
     ListResult,
     Made,
     PutConditions,
+    Replaced,
     S3Bucket,
     S3Key,
     S3Object,
@@ -351,18 +352,18 @@ class Meta:
     def rename(
         self, parent: int, name: bytes | str, new_parent: int, new_name: bytes | str, flags: int = 0,
         hold_sid: int | None = None,
-    ) -> int | None:
-        """rename/renameat2: flags 0, RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2). With
-        ``hold_sid``, a replaced file losing its last name is held, not destroyed, and its
-        number returned: see :meth:`unlink_holding`."""
+    ) -> Replaced:
+        """rename/renameat2: flags 0, RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2). Returns
+        what was removed at the target. With ``hold_sid``, a replaced file losing its last
+        name is held, not destroyed: see :meth:`unlink_holding`."""
         a, b = ops.check_name(name), ops.check_name(new_name)
-        held: int | None = self._write(
+        done: Replaced = self._write(
             "rename",
             lambda c: ops.rename(c, parent, a, new_parent, b, flags, time.time_ns(), hold_sid),
         )
-        if held is not None and hold_sid is not None:
-            self._count_hold(hold_sid, held)
-        return held
+        if done.held is not None and hold_sid is not None:
+            self._count_hold(hold_sid, done.held)
+        return done
 
     # --- attributes and xattrs -----------------------------------------------------------
 

@@ -38,7 +38,7 @@ from appendfs.meta import schema
 from appendfs.meta.errors import FsError
 from appendfs.meta.fastsql import Stmt
 from appendfs.meta.txn import Retry
-from appendfs.meta.types import Attr, DirEntry, Made, StatFs
+from appendfs.meta.types import Attr, DirEntry, Made, Replaced, StatFs
 
 I = schema.inode  # noqa: E741 - the table names read best short
 D = schema.dentry
@@ -699,9 +699,9 @@ def _rename_checks(r: _Rename) -> bool:
 def rename(
     conn: sa.Connection, sp: int, sn: bytes, dp: int, dn: bytes, flags: int, now: int,
     hold_sid: int | None = None,
-) -> int | None:
-    """Returns the replaced inode ``hold_sid`` now holds in place of destroying it
-    (:func:`drop_link`), else None."""
+) -> Replaced:
+    """Returns what the rename removed at its target (:class:`Replaced`); a file losing its
+    last name is held by ``hold_sid`` in place of destroyed (:func:`drop_link`)."""
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
         raise FsError(errno.EINVAL, f"bad rename flags {flags:#x}")
     src = get_dentry(conn, sp, sn)
@@ -710,7 +710,7 @@ def rename(
     require_dir(conn, dp)
     r = _Rename(sp, sn, dp, dn, flags, src, get_dentry(conn, dp, dn))
     if not _rename_checks(r):
-        return None
+        return Replaced()
     moves_dir = sp != dp and (
         src[1] == stat.S_IFDIR
         or (flags & RENAME_EXCHANGE and r.dst is not None and r.dst[1] == stat.S_IFDIR)
@@ -743,7 +743,7 @@ def rename(
     if flags & RENAME_EXCHANGE:
         assert r.dst is not None
         _exchange(conn, r, locked, now)
-        return None
+        return Replaced()
     return _move(conn, r, locked, now, hold_sid)
 
 
@@ -757,9 +757,9 @@ def _parents_update(
 
 def _move(
     conn: sa.Connection, r: _Rename, locked: dict[int, Attr], now: int, hold_sid: int | None
-) -> int | None:
+) -> Replaced:
     a = locked[r.src[0]]
-    held = None
+    replaced = Replaced()
     deltas = {r.sp: 0, r.dp: 0}
     if r.dst is not None:
         b = locked[r.dst[0]]
@@ -778,8 +778,9 @@ def _move(
         if b.is_dir:
             destroy_inode(conn, b, now)
             deltas[r.dp] -= 1
+            replaced = Replaced(removed_dir=b._replace(nlink=0, ctime_ns=now))
         elif drop_link(conn, b, now, hold_sid):
-            held = b.ino
+            replaced = Replaced(held=b.ino)
     else:
         delete_dentry(conn, r.sp, r.sn, a.ino)
         conn.execute(D.insert().values(parent=r.dp, name=r.dn, ino=a.ino, kind=a.kind))
@@ -790,7 +791,7 @@ def _move(
     else:
         update_inode(conn, a, ctime_ns=now)
     _parents_update(conn, locked, deltas, now)
-    return held
+    return replaced
 
 
 def _exchange(conn: sa.Connection, r: _Rename, locked: dict[int, Attr], now: int) -> None:

@@ -52,6 +52,15 @@ class Made(NamedTuple):
     parent: Attr | None
 
 
+class Replaced(NamedTuple):
+    """What a rename replaced at its target, when it was removed: ``held``, a file that lost
+    its last name and is kept held for the caller (``hold_sid``, see ``Meta.unlink_holding``);
+    ``removed_dir``, an empty directory the rename removed (its row before, nlink 0)."""
+
+    held: int | None = None
+    removed_dir: Attr | None = None
+
+
 class DirEntry(NamedTuple):
     """One readdir entry; ``attr`` is filled by readdir(plus=True)."""
 

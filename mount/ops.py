@@ -258,8 +258,14 @@ class Operations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         attr = await self.fs.lookup(parent_inode, name)
         await self.fs.rmdir(parent_inode, name)
-        if attr.is_dir and attr.ino in self._lookups:
-            self._removed_dirs[attr.ino] = attr._replace(nlink=0)
+        if attr.is_dir:
+            self._removed(attr._replace(nlink=0))
+
+    def _removed(self, gone: Attr) -> None:
+        """A directory this mount removed (rmdir, or replaced by a rename) answers as itself
+        while the kernel still knows it (see :meth:`_getattr`)."""
+        if gone.ino in self._lookups:
+            self._removed_dirs[gone.ino] = gone
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -267,8 +273,10 @@ class Operations(pyfuse3.Operations):
         """renameat2: 0, RENAME_NOREPLACE or RENAME_EXCHANGE; RENAME_WHITEOUT is EINVAL."""
         if flags & ~(pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        self._keep_until_forgotten(
-            await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, kernel_held=True))
+        done = await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, kernel_held=True)
+        self._keep_until_forgotten(done.held)
+        if done.removed_dir is not None:
+            self._removed(done.removed_dir)
 
     # ---- directories ----------------------------------------------------------------
 

@@ -387,6 +387,17 @@ def test_rename_directories(posix: Run) -> None:
         r.stat("q1")
         r.stat("q2")
         r.listdir("q2/sub")
+        # a directory replaced while open lives on, empty and removed, like one rmdir'ed
+        r.do(os.mkdir, "victim")
+        r.do(os.mkdir, "mover")
+        fd = r.open("victim", os.O_RDONLY | os.O_DIRECTORY)
+        assert fd is not None
+        r.do(os.rename, "mover", "victim")
+        r.do(os.fstat, fd)
+        r.do(os.listdir, fd, expect=[])
+        r.do(os.mkdir, "y", dir_fd=fd, expect="!ENOENT")
+        r.close(fd)
+        r.listdir("victim")
         # directory and file timestamps: both parents change, the moved file's ctime too
         r.write("p1/f", b"f")
         r.set_past("p1", "p2", "p1/f")
