@@ -423,7 +423,7 @@ class FileSystem:
         sid = self.sid if kernel_held else None
         try:
             async with self._holds.shared():
-                row, held = await self._write(self.meta.unlink_holding, sid, parent, name)
+                row, held = await self._write(self.meta.unlink_holding, parent, name, sid)
         except BaseException:
             self._dirs_changed(parent)
             raise

@@ -324,26 +324,30 @@ class Meta:
         """Remove a non-directory's entry (the inode goes with its last link and open).
         Returns the directory's attributes when the unlink left them unchanged (its mtime is
         rewritten only past ``dir_mtime_granularity_ns``), else None: see :class:`Made`."""
-        return self.unlink_holding(None, parent, name)[0]
+        return self.unlink_holding(parent, name, None)[0]
 
     def unlink_holding(
-        self, sid: int | None, parent: int, name: bytes | str
+        self, parent: int, name: bytes | str, hold_sid: int | None
     ) -> tuple[Attr | None, int | None]:
-        """:meth:`unlink`; with ``sid``, an inode losing its last name is not destroyed but
-        held by that session as if open one more time (its number is returned second):
+        """:meth:`unlink`; with ``hold_sid``, an inode losing its last name is not destroyed
+        but held by that session as if open one more time (its number is returned second):
         a mount keeps the inodes the kernel still knows until it forgets them. The caller
         drops that hold with :meth:`release` or :meth:`release_many`, like an open's."""
         n = ops.check_name(name)
         row, held = self._write(
-            "unlink", lambda c: ops.unlink(c, parent, n, time.time_ns(), self._gran, sid)
+            "unlink", lambda c: ops.unlink(c, parent, n, time.time_ns(), self._gran, hold_sid)
         )
-        if held is not None and sid is not None:
-            self._count_hold(sid, held)
+        if held is not None and hold_sid is not None:
+            self._count_hold(hold_sid, held)
         return row, held
 
-    def _count_hold(self, sid: int, ino: int) -> None:
+    def _count_hold(self, sid: int, ino: int) -> int:
+        """One more hold of ``ino`` by ``sid`` (an open, or a kept unlinked inode); returns
+        how many there were before (0: the namespace has no hold row for it yet)."""
         with self._open_lock:
-            self._open_counts[(sid, ino)] = self._open_counts.get((sid, ino), 0) + 1
+            n = self._open_counts.get((sid, ino), 0)
+            self._open_counts[(sid, ino)] = n + 1
+            return n
 
     def rmdir(self, parent: int, name: bytes | str) -> None:
         n = ops.check_name(name)
@@ -477,9 +481,7 @@ class Meta:
     def open(self, sid: int, ino: int) -> Attr:
         """Count one more open handle of ``ino`` in session ``sid`` (keeps it alive unlinked)."""
         key = (sid, ino)
-        with self._open_lock:
-            n = self._open_counts.get(key, 0)
-            self._open_counts[key] = n + 1
+        n = self._count_hold(sid, ino)
         try:
             return (
                 self._write("open", lambda c: data.open_file(c, sid, ino))

@@ -26,6 +26,7 @@ from appendfs.meta import slices as sl
 from appendfs.meta.errors import FsError, SessionExpired
 from appendfs.meta.fastsql import Stmt
 from appendfs.meta.ops import (
+    HELD_BY,
     INSERT_HOLD,
     SESSION_ALIVE,
     destroy_inode,
@@ -226,28 +227,17 @@ def open_file(conn: sa.Connection, sid: int, ino: int) -> Attr:
     a = get_attr(conn, ino, lock="key_share")
     if a is None:
         raise FsError(errno.ENOENT, f"inode {ino} does not exist")
-    held = (
-        conn.execute(sa.select(SS.c.sid).where(SS.c.sid == sid, SS.c.ino == ino)).first()
-        is not None
-    )
+    held = HELD_BY.first(conn, b_sid=sid, b_ino=ino) is not None
     if a.nlink == 0 and not held:
         raise FsError(errno.ENOENT, f"inode {ino} was unlinked")
     if not held:
-        if (
-            conn.execute(
-                sa.select(SE.c.sid)
-                .where(SE.c.sid == sid)
-                .with_for_update(read=True, key_share=True)
-            ).first()
-            is None
-        ):
-            raise SessionExpired(f"session {sid} was declared dead and cleaned up")
-        conn.execute(SS.insert().values(sid=sid, ino=ino))
+        hold_new(conn, sid, ino)
     return a
 
 
 def hold_new(conn: sa.Connection, sid: int, ino: int) -> None:
-    """Record that ``sid`` holds the inode it is creating in this transaction open."""
+    """Record that ``sid`` holds ``ino`` open: the inode it is creating in this
+    transaction, or one :func:`open_file` found it does not hold yet."""
     if SESSION_ALIVE.first(conn, b_sid=sid) is None:
         raise SessionExpired(f"session {sid} was declared dead and cleaned up")
     INSERT_HOLD.rowcount(conn, sid=sid, ino=ino)

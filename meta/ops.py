@@ -352,7 +352,7 @@ SESSION_ALIVE = Stmt(
     lambda _d: sa.select(_SE.c.sid).where(_SE.c.sid == _bp("b_sid")).with_for_update(read=True, key_share=True)
 )
 INSERT_HOLD = Stmt(lambda _d: _SS.insert().values(sid=_bp("sid"), ino=_bp("ino")))
-_HELD_BY = Stmt(lambda _d: sa.select(_SS.c.sid).where(_SS.c.sid == _bp("b_sid"), _SS.c.ino == _bp("b_ino")))
+HELD_BY = Stmt(lambda _d: sa.select(_SS.c.sid).where(_SS.c.sid == _bp("b_sid"), _SS.c.ino == _bp("b_ino")))
 _HELD = Stmt(lambda _d: sa.select(_SS.c.sid).where(_SS.c.ino == _bp("b_ino")).limit(1))
 
 
@@ -409,7 +409,7 @@ def hold_orphan(conn: sa.Connection, sid: int, ino: int) -> bool:
     when the session is gone (then nothing is held and the caller goes on without)."""
     if SESSION_ALIVE.first(conn, b_sid=sid) is None:
         return False
-    if _HELD_BY.first(conn, b_sid=sid, b_ino=ino) is None:
+    if HELD_BY.first(conn, b_sid=sid, b_ino=ino) is None:
         INSERT_HOLD.rowcount(conn, sid=sid, ino=ino)
     return True
 
