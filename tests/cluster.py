@@ -26,6 +26,8 @@ from appendfs.up import free_port as up_free_port
 
 R = TypeVar("R")
 APPENDFS = [sys.executable, "-m", "appendfs"]
+#: the device size of a test DataNode that the test does not size (see Cluster.add_datanode)
+TEST_CAPACITY_BYTES = 16 << 30
 
 
 def free_port() -> int:
@@ -160,6 +162,12 @@ class Cluster:
         return proc
 
     def add_datanode(self, *extra: str, data: Path | None = None, secret: Path | None = None) -> Proc:
+        """A DataNode on loopback. Unless the test sizes it, its device gets a capacity of
+        TEST_CAPACITY_BYTES: without one, a device is as full as the host's disk (df), and
+        a shared CI disk past 95% made every test that writes fail with ENOSPC. With one, it
+        is full only when the test fills it or the disk has less than 64 MiB left."""
+        if "--capacity-bytes" not in extra:
+            extra = ("--capacity-bytes", str(TEST_CAPACITY_BYTES), *extra)
         i = len(self.datanodes) + 1
         port = free_port()
         proc = Proc(f"datanode-{i}", [

@@ -198,3 +198,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The disk the tests write to, as df counts it: a CI failure with ENOSPC or `no_space`
+    is first a question of how much room the machine had."""
+    import tempfile
+    where = os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()
+    st = os.statvfs(where)
+    used, avail = (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize
+    return (f"disk under {where}: {avail / 2**30:.1f} GiB available, {used / 2**30:.1f} GiB used "
+            f"({100 * used / max(1, used + avail):.0f}% as df counts it)")

@@ -423,13 +423,18 @@ class FileBackend(Backend):
         return removed
 
     def usage(self) -> Usage:
+        """Without ``capacity_bytes``, the filesystem as ``df`` counts it: used is every
+        allocated block (ours and other files'), free is what this process may still
+        allocate (``f_bavail``), capacity their sum. Blocks reserved for another user (ext4's
+        reserved blocks, 5% by default and sometimes far more) are neither: counted as used,
+        they pushed a disk with gigabytes free over the high-water mark."""
         st = os.statvfs(self.dir)
         fs_free = st.f_bavail * st.f_frsize
-        fs_total = st.f_blocks * st.f_frsize
+        fs_used = (st.f_blocks - st.f_bfree) * st.f_frsize
         with self._lock:
             used = self._used
         if self.capacity_bytes is None:
-            return Usage(capacity_bytes=fs_total, used_bytes=fs_total - fs_free, free_bytes=fs_free)
+            return Usage(capacity_bytes=fs_used + fs_free, used_bytes=fs_used, free_bytes=fs_free)
         free = max(0, min(self.capacity_bytes - used, fs_free))
         return Usage(capacity_bytes=self.capacity_bytes, used_bytes=used, free_bytes=free)
 

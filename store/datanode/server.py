@@ -63,6 +63,7 @@ class DataNode:
         self.store = store
         self.address = cfg.advertise or cfg.listen
         self.registered = trio.Event()
+        self._full = False  # as last reported, to log when the device fills and when it has room again
         self._metanode_index = 0
         self._redirect: str | None = None
         self._peers: ChannelPool | None = None  # to other DataNodes (rebuild) and the MetaNode (scrub reports)
@@ -142,8 +143,19 @@ class DataNode:
 
     def _usage(self) -> dict[str, Any]:
         u = self.store.backend.usage()
+        full = self.store.full()
+        if full != self._full:
+            self._full = full
+            pct = 100.0 * u.used_bytes / u.capacity_bytes if u.capacity_bytes > 0 else 100.0
+            state = (f"{pct:.1f}% used, {u.free_bytes >> 20} MiB free of {u.capacity_bytes >> 20} MiB "
+                     f"(high_water {self.store.high_water:.0%}, reserve_bytes {self.store.reserve_bytes >> 20} MiB)")
+            if full:
+                log.warning("device full: %s: it takes no new extents; free space on %s, add DataNodes, or raise "
+                            "high_water / capacity_bytes where the disk really has room", state, self.cfg.data)
+            else:
+                log.info("device has room again: %s", state)
         return {"capacity_bytes": u.capacity_bytes, "used_bytes": u.used_bytes, "free_bytes": u.free_bytes,
-                "full": self.store.full(), "backend": self.store.backend.kind}
+                "full": full, "backend": self.store.backend.kind}
 
     # ---- control plane --------------------------------------------------------------
 

@@ -191,6 +191,9 @@ def test_a_full_device_gets_no_new_extents(sqlite_url: str, make_cluster, tmp_pa
     assert st["extents"]["lost"] == 0
     out = tmp_path / "out.bin"
     assert c.get(locator, out).returncode == 0 and files_equal(src, out)
+    # the operator is told, once, in the small node's log; the others never filled
+    assert small.text().count("device full: ") == 1 and "free space on" in small.text(), small.text()[-2000:]
+    assert not any("device full" in dn.text() for dn in c.datanodes if dn is not small)
 
 
 def test_a_put_with_no_space_left_fails_clearly(sqlite_url: str, make_cluster, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""FileBackend specifics beyond the backend contract: its descriptor cache, and writes
-from page-aligned buffers without the staging copy.
+"""FileBackend specifics beyond the backend contract: its descriptor cache, writes
+from page-aligned buffers without the staging copy, and how full a device without
+``capacity_bytes`` is (the filesystem as ``df`` counts it).
 
 The cache holds at most ``_MAX_OPEN_EXTENTS`` descriptors and evicts the least recently
 used. A descriptor evicted while another thread is in a call with it (a long fdatasync of
@@ -11,6 +12,8 @@ another extent's file.
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,10 @@ import pytest
 from appendfs.store.buffers import aligned_bytearray
 from appendfs.store.datanode import filebackend
 from appendfs.store.datanode.backend import ExtentMeta
+from appendfs.store.datanode.extents import ExtentStore
 from appendfs.store.datanode.filebackend import FileBackend
+
+MiB = 1 << 20
 
 
 def _target(fd: int) -> str | None:
@@ -74,5 +80,69 @@ def test_whole_blocks_in_an_aligned_buffer_are_written_from_it(tmp_path: Path) -
         backend.create(ExtentMeta(extent_id=2, stream_id=1, epoch=1, index=0))
         backend.write_data(2, 0, unaligned)
         assert backend.read_data(2, 0, 8192) == bytes(unaligned)
+    finally:
+        backend.close()
+
+
+def _df(path: Path) -> tuple[int, int]:
+    """(used, available) bytes of the filesystem holding ``path``, as df reports them."""
+    out = subprocess.run(["df", "-B1", "--output=used,avail", str(path)], capture_output=True, text=True,
+                         check=True).stdout.split("\n")[1].split()
+    return int(out[0]), int(out[1])
+
+
+def test_usage_without_capacity_agrees_with_df(tmp_path: Path) -> None:
+    """Used is every allocated block, free what we may still allocate, capacity their sum:
+    blocks reserved for another user are not capacity (ext4 reserves 5% for root by default;
+    CI's disk reserved 150 of its 250 GiB, so a device with 12 GiB free counted as 95% full).
+    Other processes write to this disk meanwhile, hence the tolerance."""
+    backend = FileBackend(tmp_path / "dev")
+    try:
+        used, avail = _df(tmp_path)
+        u = backend.usage()
+        assert abs(u.used_bytes - used) < 256 * MiB and abs(u.free_bytes - avail) < 256 * MiB
+        assert u.capacity_bytes == u.used_bytes + u.free_bytes
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def reserved_ext4(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB ext4 filesystem (loop mount) with half its blocks reserved for root."""
+    image, where = tmp_path / "ext4.img", tmp_path / "ext4"
+    where.mkdir()
+    with image.open("wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "50", str(image)], check=True, capture_output=True)
+    done = subprocess.run(["mount", "-o", "loop", str(image), str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"mount -o loop failed: {done.stderr.strip()}")
+        pytest.skip("cannot loop-mount an ext4 image here (needs root and loop devices): "
+                    "reserved blocks are not exercised")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_reserved_blocks_do_not_count_as_used(reserved_ext4: Path) -> None:
+    """On a fresh filesystem with 50% of its blocks reserved, a device is nearly empty,
+    not at 50% (the old count: total minus available); it is full once what it may
+    allocate is used past the high-water mark."""
+    backend = FileBackend(reserved_ext4 / "dev", direct_io=False)
+    store = ExtentStore(backend, high_water=0.5, reserve_bytes=0)
+    try:
+        u = backend.usage()
+        assert u.used_bytes < 0.1 * u.capacity_bytes, u
+        assert not store.full()
+        backend.create(ExtentMeta(extent_id=1, stream_id=1, epoch=1, index=0))
+        chunk = os.urandom(MiB)
+        while not store.full():
+            free = backend.usage().free_bytes
+            assert free > MiB, f"never full, {free} bytes left"
+            backend.write_data(1, backend.data_size(1), chunk)
+            backend.sync_data([1])
+        u = backend.usage()
+        assert u.used_bytes >= 0.5 * u.capacity_bytes and u.free_bytes > 0
     finally:
         backend.close()
