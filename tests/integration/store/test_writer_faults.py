@@ -154,7 +154,12 @@ async def test_acknowledged_appends_survive_random_datanode_deaths(tmp_path: Pat
             stream = await client.create_stream("raw", redundancy)
             stop = trio.Event()
             nursery.start_soon(chaos, nodes, nursery, rng, stop)
-            for _ in range(150):
+            appended = 0
+            # at least 150 appends, and on until the chaos task (wall clock) has struck twice:
+            # on a fast machine 150 appends can be done before its second kill
+            while appended < 150 or sum(n.kills for n in nodes) < 2:
+                assert appended < 3000, "the chaos task never struck twice"
+                appended += 1
                 data = rng.randbytes(rng.randrange(1, 300_000))
                 if rng.random() < 0.5:
                     written.append((await stream.append(data), data))  # bytes: kept, long ones as views
@@ -165,10 +170,10 @@ async def test_acknowledged_appends_survive_random_datanode_deaths(tmp_path: Pat
                 await stream.close()
             stop.set()
             switches = stream.switches
-            assert sum(n.kills for n in nodes) >= 2, "the chaos task should have struck during the writes"
             for ticket, data in written:
                 assert await read_back(client, ticket) == data
-    print(f"{redundancy} seed {seed}: {len(written)} appends, {switches} extent switches after failures")
+    print(f"{redundancy} seed {seed}: {len(written)} appends, {sum(n.kills for n in nodes)} kills, "
+          f"{switches} extent switches after failures")
 
 
 async def test_ec_writer_coalesces_small_appends_into_shared_stripes(tmp_path: Path) -> None:
