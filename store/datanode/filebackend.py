@@ -427,7 +427,9 @@ class FileBackend(Backend):
         allocated block (ours and other files'), free is what this process may still
         allocate (``f_bavail``), capacity their sum. Blocks reserved for another user (ext4's
         reserved blocks, 5% by default and sometimes far more) are neither: counted as used,
-        they pushed a disk with gigabytes free over the high-water mark."""
+        they pushed a disk with gigabytes free over the high-water mark. With
+        ``capacity_bytes``, used is this device's extent files, and neither capacity nor
+        free exceeds what the filesystem can still give."""
         st = os.statvfs(self.dir)
         fs_free = st.f_bavail * st.f_frsize
         fs_used = (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -435,8 +437,9 @@ class FileBackend(Backend):
             used = self._used
         if self.capacity_bytes is None:
             return Usage(capacity_bytes=fs_used + fs_free, used_bytes=fs_used, free_bytes=fs_free)
+        # A capacity beyond what the filesystem can still give is reported as what it can.
         free = max(0, min(self.capacity_bytes - used, fs_free))
-        return Usage(capacity_bytes=self.capacity_bytes, used_bytes=used, free_bytes=free)
+        return Usage(capacity_bytes=min(self.capacity_bytes, used + fs_free), used_bytes=used, free_bytes=free)
 
     def close(self) -> None:
         with self._lock:

@@ -106,6 +106,19 @@ def test_usage_without_capacity_agrees_with_df(tmp_path: Path) -> None:
         backend.close()
 
 
+def test_a_capacity_beyond_the_filesystem_is_reported_as_what_it_can_hold(tmp_path: Path) -> None:
+    backend = FileBackend(tmp_path / "dev", capacity_bytes=1 << 60)  # an exbibyte
+    try:
+        backend.create(ExtentMeta(extent_id=1, stream_id=1, epoch=1, index=0))
+        backend.write_data(1, 0, b"x" * 8192)
+        u = backend.usage()
+        _used, avail = _df(tmp_path)
+        assert u.used_bytes == 8192 and abs(u.free_bytes - avail) < 256 * MiB
+        assert u.capacity_bytes == u.used_bytes + u.free_bytes
+    finally:
+        backend.close()
+
+
 @pytest.fixture
 def reserved_ext4(tmp_path: Path) -> Iterator[Path]:
     """A 64 MiB ext4 filesystem (loop mount) with half its blocks reserved for root."""
