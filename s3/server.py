@@ -227,11 +227,14 @@ class _Supervisor:
     def __init__(self, cfg: S3Config, n: int) -> None:
         self.cfg = cfg
         self.n = n
-        self.sock = _listening_socket(cfg)
+        self.sock: socket.socket | None = None  # bound by listen()
         self.procs: dict[int, trio.Process] = {}
         self.counters: dict[int, dict[str, float]] = {}  # index → last report (present once it served)
         self.stopping = False
         self.exit_code = 0
+
+    def listen(self) -> None:
+        self.sock = _listening_socket(self.cfg)
 
     def totals(self) -> dict[str, float]:
         out: dict[str, float] = {"workers": float(len(self.procs))}
@@ -242,6 +245,7 @@ class _Supervisor:
 
     async def worker(self, index: int, nursery: trio.Nursery) -> None:
         argv = [sys.executable, "-m", "appendfs", *sys.argv[1:]]
+        assert self.sock is not None, "listen() first"
         while not self.stopping:
             rfd, wfd = os.pipe()
             env = {**os.environ, WORKER_ENV: f"{index}:{self.sock.fileno()}:{wfd}"}
@@ -293,7 +297,11 @@ class _Supervisor:
 
 async def _supervise(cfg: S3Config, n: int) -> int:
     sup = _Supervisor(cfg, n)
+    # /metrics before the S3 socket: once the gateway's port accepts connections (what a
+    # health check or a test waits for), /metrics answers too. Bound the other way round,
+    # a scrape right after the port opened was refused.
     serve_metrics(cfg.metrics, "appendfs_s3", sup.totals)
+    sup.listen()
     log.info("S3 gateway supervisor: %d workers serving %s", n, cfg.listen)
     try:
         async with trio.open_nursery() as nursery:
@@ -313,5 +321,6 @@ async def _supervise(cfg: S3Config, n: int) -> int:
         for proc in sup.procs.values():
             if proc.returncode is None:
                 proc.kill()
-        sup.sock.close()
+        if sup.sock is not None:
+            sup.sock.close()
     return sup.exit_code
