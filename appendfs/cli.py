@@ -196,7 +196,11 @@ def datanode_cmd(config_file: Path | None, **flags: Any) -> None:
     if recovering:
         log.info("%d extents were open at the last stop; they reconcile with the MetaNode", len(recovering))
     node = DataNode(cfg, auth, ident, store)
-    serve_metrics(cfg.metrics, "appendfs_datanode", lambda: dict(store.stats))
+    def metrics() -> dict[str, float]:
+        u = store.backend.usage()  # the numbers heartbeats report, for alerts on a filling disk
+        return {**store.stats, "device_capacity_bytes": u.capacity_bytes, "device_used_bytes": u.used_bytes,
+                "device_free_bytes": u.free_bytes, "device_full": float(store.full())}
+    serve_metrics(cfg.metrics, "appendfs_datanode", metrics)
 
     async def run() -> None:
         await node.run()

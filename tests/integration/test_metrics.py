@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster import free_port, random_file, scrape, wait_for
+from cluster import TEST_CAPACITY_BYTES, free_port, random_file, scrape, wait_for
 
 
 def test_datanode_and_metanode_metrics(sqlite_url: str, make_cluster, tmp_path: Path) -> None:
@@ -24,6 +24,13 @@ def test_datanode_and_metanode_metrics(sqlite_url: str, make_cluster, tmp_path: 
     after = scrape(dport)
     assert after["appendfs_datanode_append_bytes"] - before["appendfs_datanode_append_bytes"] == 3 << 20
     assert after["appendfs_datanode_commits"] > before["appendfs_datanode_commits"]
+    # the device as heartbeats report it: the test cluster's capacity (or less, on a disk
+    # with less room), the put's bytes in it
+    dev = {k.removeprefix("appendfs_datanode_device_"): v for k, v in after.items() if "_device_" in k}
+    assert dev["capacity_bytes"] <= TEST_CAPACITY_BYTES
+    assert dev["capacity_bytes"] == dev["used_bytes"] + dev["free_bytes"]
+    assert dev["used_bytes"] - before["appendfs_datanode_device_used_bytes"] >= 3 << 20
+    assert dev["full"] == 0.0
     meta = wait_for(lambda: scrape(mport), "MetaNode metrics", 10)
     assert meta["appendfs_metanode_leader"] == 1.0
     assert meta["appendfs_metanode_allocations"] >= 1 and meta["appendfs_metanode_seals"] >= 1
