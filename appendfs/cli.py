@@ -197,9 +197,9 @@ def datanode_cmd(config_file: Path | None, **flags: Any) -> None:
         log.info("%d extents were open at the last stop; they reconcile with the MetaNode", len(recovering))
     node = DataNode(cfg, auth, ident, store)
     def metrics() -> dict[str, float]:
-        u = store.backend.usage()  # the numbers heartbeats report, for alerts on a filling disk
+        u, full = node.device()  # the numbers heartbeats report, for alerts on a filling disk
         return {**store.stats, "device_capacity_bytes": u.capacity_bytes, "device_used_bytes": u.used_bytes,
-                "device_free_bytes": u.free_bytes, "device_full": float(store.full())}
+                "device_free_bytes": u.free_bytes, "device_full": float(full)}
     serve_metrics(cfg.metrics, "appendfs_datanode", metrics)
 
     async def run() -> None:

@@ -33,7 +33,7 @@ import trio
 
 from appendfs.store.codec import BLOCK_BYTES, ENTRY_BYTES, checksum
 from appendfs.store.codec.blocks import append_entries, encode_entry, recover_length
-from appendfs.store.datanode.backend import Backend, BackendError, ExtentMeta, ExtentMissing
+from appendfs.store.datanode.backend import Backend, BackendError, ExtentMeta, ExtentMissing, Usage
 
 log = logging.getLogger(__name__)
 _RECOVER_CHUNK = 4 * 1024 * 1024
@@ -307,8 +307,9 @@ class ExtentStore:
         EC client notices a fragment stored where another index is placed)."""
         return self._get(extent_id).meta.index
 
-    def full(self) -> bool:
-        u = self.backend.usage()
+    def full(self, u: Usage | None = None) -> bool:
+        """Whether the device takes no new extents; ``u``: a ``backend.usage()`` just read."""
+        u = self.backend.usage() if u is None else u
         return u.capacity_bytes <= 0 or u.used_bytes / u.capacity_bytes >= self.high_water or u.free_bytes < self.reserve_bytes
 
     async def create(self, meta: ExtentMeta) -> None:

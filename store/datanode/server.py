@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from appendfs.store.datanode.backend import ExtentMeta
+from appendfs.store.datanode.backend import ExtentMeta, Usage
 from appendfs.store.datanode.config import DataNodeConfig
 from appendfs.store.datanode.extents import ExtentError, ExtentStore
 from appendfs.store.datanode.repair import Rebuilder, RebuildJob, TranscodeJob, Transcoder
@@ -141,9 +141,14 @@ class DataNode:
             raise RpcError("bad_request", f"malformed {req.op} request: {exc!r}") from None
         raise RpcError("bad_request", f"unknown operation {req.op!r}")
 
-    def _usage(self) -> dict[str, Any]:
+    def device(self) -> tuple[Usage, bool]:
+        """The device's usage and whether it is full, from one statvfs (heartbeats, ping,
+        /metrics)."""
         u = self.store.backend.usage()
-        full = self.store.full()
+        return u, self.store.full(u)
+
+    def _usage(self) -> dict[str, Any]:
+        u, full = self.device()
         if full != self._full:
             self._full = full
             pct = 100.0 * u.used_bytes / u.capacity_bytes if u.capacity_bytes > 0 else 100.0
