@@ -69,6 +69,17 @@ def db_rows(meta_url: str, query: str, **params: object) -> list[tuple[Any, ...]
         eng.dispose()
 
 
+def check_namespace(meta_url: str) -> list[str]:
+    """The namespace invariant check's findings on the cluster's database ([] when sound)."""
+    from appendfs.meta import Meta
+
+    meta = Meta.from_url(meta_url)
+    try:
+        return meta.check_invariants()
+    finally:
+        meta.close()
+
+
 def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 60.0, interval_s: float = 0.1) -> Any:
     """Poll until ``predicate()`` is truthy; a generous deadline, never a wall-clock assert."""
     deadline = time.monotonic() + timeout_s

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from cluster import Cluster, db_rows, files_equal, random_file, wait_for
+from cluster import Cluster, check_namespace, db_rows, files_equal, random_file, wait_for
 from mounts import Mount, drop_page_cache
 from pgserver import ThrowawayPostgres
 
@@ -57,16 +57,6 @@ def watchdog(proc: subprocess.Popen[bytes], m: Mount, timeout_s: float) -> Itera
         yield
     finally:
         timer.cancel()
-
-
-def check_namespace(meta_url: str) -> list[str]:
-    from appendfs.meta import Meta
-
-    meta = Meta.from_url(meta_url)
-    try:
-        return meta.check_invariants()
-    finally:
-        meta.close()
 
 
 # ---- a: a DataNode dies during a large write ------------------------------------------
