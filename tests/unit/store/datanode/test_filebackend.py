@@ -1,5 +1,6 @@
 """FileBackend specifics beyond the backend contract: its descriptor cache, writes
-from page-aligned buffers without the staging copy, and how full a device without
+from page-aligned buffers without the staging copy, zeros written ahead of small appends,
+and how full a device without
 ``capacity_bytes`` is (the filesystem as ``df`` counts it).
 
 The cache holds at most ``_MAX_OPEN_EXTENTS`` descriptors and evicts the least recently
@@ -11,6 +12,7 @@ another extent's file.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
@@ -84,6 +86,41 @@ def test_whole_blocks_in_an_aligned_buffer_are_written_from_it(tmp_path: Path) -
         backend.close()
 
 
+def test_small_appends_write_zeros_ahead_and_large_ones_do_not(tmp_path: Path) -> None:
+    """A small append that grows the data file writes zeros up to the next _ZERO_AHEAD
+    boundary, so the appends after it overwrite allocated blocks (their fdatasync needs no
+    journal commit); the zeros count as used, are never read, and seal cuts them. A large
+    append grows the file only to its own end."""
+    backend = FileBackend(tmp_path / "dev", capacity_bytes=1 << 30)  # used: our files only
+    try:
+        if not backend.direct_io:
+            pytest.skip(f"{tmp_path} refuses O_DIRECT: buffered writes never pad")
+        ahead = filebackend._ZERO_AHEAD
+        backend.create(ExtentMeta(extent_id=1, stream_id=1, epoch=1, index=0))
+        want = b""
+        sizes = set()
+        while len(want) < ahead + 10_000:  # small appends across one boundary
+            piece = os.urandom(4096 + 7)
+            backend.write_data(1, len(want), piece)
+            want += piece
+            sizes.add(backend.data_size(1))
+        assert sizes == {ahead, 2 * ahead}  # grew twice, by whole zeroed steps
+        assert backend.read_data(1, 0, 4 * ahead) == want  # clipped to the logical end
+        assert (tmp_path / "dev" / "extents" / f"{1:016x}.dat").read_bytes()[len(want):] == bytes(2 * ahead - len(want))
+        assert backend.usage().used_bytes == 2 * ahead
+        backend.truncate(1, len(want), -(-len(want) // 4096))  # what seal and recovery do
+        assert backend.data_size(1) == len(want)
+        assert backend.usage().used_bytes == len(want)
+
+        backend.create(ExtentMeta(extent_id=2, stream_id=1, epoch=1, index=0))
+        big = os.urandom(filebackend._ZERO_AHEAD_MAX + 4096 + 1)
+        backend.write_data(2, 0, big)
+        assert backend.data_size(2) == -(-len(big) // 4096) * 4096  # its own 4 KiB edge only
+        assert backend.read_data(2, 0, len(big) + 1) == big
+    finally:
+        backend.close()
+
+
 def _df(path: Path) -> tuple[int, int]:
     """(used, available) bytes of the filesystem holding ``path``, as df reports them."""
     out = subprocess.run(["df", "-B1", "--output=used,avail", str(path)], capture_output=True, text=True,
@@ -110,32 +147,77 @@ def test_a_capacity_beyond_the_filesystem_is_reported_as_what_it_can_hold(tmp_pa
     backend = FileBackend(tmp_path / "dev", capacity_bytes=1 << 60)  # an exbibyte
     try:
         backend.create(ExtentMeta(extent_id=1, stream_id=1, epoch=1, index=0))
-        backend.write_data(1, 0, b"x" * 8192)
+        backend.write_data(1, 0, b"x" * 65536)  # (not a small append: no zeros ahead)
         u = backend.usage()
         _used, avail = _df(tmp_path)
-        assert u.used_bytes == 8192 and abs(u.free_bytes - avail) < 256 * MiB
+        assert u.used_bytes == 65536 and abs(u.free_bytes - avail) < 256 * MiB
         assert u.capacity_bytes == u.used_bytes + u.free_bytes
     finally:
         backend.close()
 
 
-@pytest.fixture
-def reserved_ext4(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB ext4 filesystem (loop mount) with half its blocks reserved for root."""
+def _loop_ext4(tmp_path: Path, reserved_pct: int) -> Iterator[Path]:
+    """A 64 MiB ext4 filesystem (loop mount) with ``reserved_pct`` of its blocks reserved
+    for root; skips with a printed reason where loop mounts are impossible."""
     image, where = tmp_path / "ext4.img", tmp_path / "ext4"
     where.mkdir()
     with image.open("wb") as f:
         f.truncate(64 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "50", str(image)], check=True, capture_output=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", str(reserved_pct), str(image)], check=True, capture_output=True)
     done = subprocess.run(["mount", "-o", "loop", str(image), str(where)], capture_output=True, text=True)
     if done.returncode != 0:
         print(f"mount -o loop failed: {done.stderr.strip()}")
-        pytest.skip("cannot loop-mount an ext4 image here (needs root and loop devices): "
-                    "reserved blocks are not exercised")
+        pytest.skip("cannot loop-mount an ext4 image here (needs root and loop devices)")
     try:
         yield where
     finally:
         subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.fixture
+def reserved_ext4(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB ext4 with half its blocks reserved for root."""
+    yield from _loop_ext4(tmp_path, 50)
+
+
+@pytest.fixture
+def small_ext4(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB ext4 without reserved blocks, to fill."""
+    yield from _loop_ext4(tmp_path, 0)
+
+
+def test_a_small_append_fits_where_its_zeros_ahead_do_not(small_ext4: Path) -> None:
+    """With less room left than the zeros ahead need, a small append still succeeds: it
+    writes its own blocks only."""
+    backend = FileBackend(small_ext4 / "dev")
+    try:
+        if not backend.direct_io:
+            pytest.skip(f"{small_ext4} refuses O_DIRECT: no zeros ahead")
+        backend.create(ExtentMeta(extent_id=1, stream_id=1, epoch=1, index=0))
+        first = os.urandom(5000)
+        backend.write_data(1, 0, first)  # zeros ahead to 256 KiB
+        filler = small_ext4 / "filler"
+        with filler.open("wb") as f:
+            try:
+                while True:
+                    f.write(b"f" * 65536)
+                    f.flush()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+            os.fsync(f.fileno())
+        os.truncate(filler, filler.stat().st_size - 64 * 1024)  # 64 KiB of room
+        os.sync()
+        assert os.statvfs(small_ext4).f_bavail * os.statvfs(small_ext4).f_frsize < filebackend._ZERO_AHEAD
+        want = first
+        while len(want) < filebackend._ZERO_AHEAD + 8192:  # past the zeros written ahead
+            piece = os.urandom(3000)
+            backend.write_data(1, len(want), piece)
+            want += piece
+        backend.sync_data([1])
+        assert backend.read_data(1, 0, len(want) + 1) == want
+        assert backend.data_size(1) < 2 * filebackend._ZERO_AHEAD  # the second step's zeros did not fit
+    finally:
+        backend.close()
 
 
 def test_reserved_blocks_do_not_count_as_used(reserved_ext4: Path) -> None:
