@@ -134,7 +134,7 @@ def _size(n: int | None) -> str:
 
 def render_status(st: dict[str, Any]) -> str:
     lines = [f"leader: {st['leader']} (epoch {st['epoch']})", "", "nodes:"]
-    lines.append(f"  {'node':18} {'address':22} {'state':6} {'seen':>6} {'stored':>11} role")
+    lines.append(f"  {'node':18} {'address':22} {'state':6} {'seen':>6} {'sealed':>11} role")
     for n in st["nodes"]:
         seen = "-" if n.get("seen_ago_s") is None else f"{n['seen_ago_s']}s"
         role = n.get("state", "active") + (", declared dead: its copies are re-created elsewhere" if n.get("dead") else "")
