@@ -32,8 +32,9 @@ The appends after it overwrite blocks the file already has, so their ``fdatasync
 cache flush without a journal commit (block allocation, size): ~0.1-0.2 ms less per small
 append here, one larger write every 64 appends of 4 KiB (docs/benchmarks.md, session 24).
 The checksum file is prewritten the same way at create. Those zeros are padding like the
-4 KiB edge above: no entries, clipped from reads, cut by recovery and seal. Large appends
-do not get them: there the zeros would double the bytes written for no saved commit.
+4 KiB edge above: no entries, clipped from reads, cut by recovery and seal; they count as
+used, so a device with ``capacity_bytes`` gets them only while they fit under it. Large
+appends do not get them: there the zeros would double the bytes written for no saved commit.
 """
 
 from __future__ import annotations
@@ -204,11 +205,12 @@ class FileBackend(Backend):
         phys_before = self._physical(extent_id)
         phys_after = max(phys_before, end)
         if self.direct_io:
+            pad_from = phys_before if self._room_for_zeros(end, phys_before) else None
             try:
                 try:
-                    written_end = self._write_direct(extent_id, offset, data, known, phys_before)
+                    written_end = self._write_direct(extent_id, offset, data, known, pad_from)
                 except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
+                    if pad_from is None or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                         raise
                     # The zeros ahead may not fit where the append itself does.
                     written_end = self._write_direct(extent_id, offset, data, known, None)
@@ -227,6 +229,15 @@ class FileBackend(Backend):
             self._sizes[extent_id] = max(known, end)
             self._phys[extent_id] = phys_after
             self._used += phys_after - phys_before
+
+    def _room_for_zeros(self, end: int, phys: int) -> bool:
+        """Whether zeros ahead of an append ending at ``end`` stay within ``capacity_bytes``
+        (the filesystem's own limit is found by trying: ENOSPC, then without them)."""
+        if self.capacity_bytes is None:
+            return True
+        with self._lock:
+            used = self._used
+        return self.capacity_bytes - used >= -(-end // _ZERO_AHEAD) * _ZERO_AHEAD - phys
 
     def _physical(self, extent_id: int) -> int:
         size = self._phys.get(extent_id)

@@ -121,6 +121,23 @@ def test_small_appends_write_zeros_ahead_and_large_ones_do_not(tmp_path: Path) -
         backend.close()
 
 
+def test_zeros_ahead_stay_within_capacity_bytes(tmp_path: Path) -> None:
+    """A device capped by ``capacity_bytes`` never counts more used than its capacity
+    because of zeros ahead: near the cap, a small append writes its own blocks only."""
+    backend = FileBackend(tmp_path / "dev", capacity_bytes=64 * 1024)
+    try:
+        if not backend.direct_io:
+            pytest.skip(f"{tmp_path} refuses O_DIRECT: no zeros ahead")
+        backend.create(ExtentMeta(extent_id=1, stream_id=1, epoch=1, index=0))
+        backend.write_data(1, 0, os.urandom(60 * 1024))  # large: no zeros
+        backend.write_data(1, 60 * 1024, os.urandom(4096))  # small, but 256 KiB of zeros would not fit
+        u = backend.usage()
+        assert u.used_bytes == 64 * 1024 == u.capacity_bytes and u.free_bytes == 0
+        assert backend.data_size(1) == 64 * 1024
+    finally:
+        backend.close()
+
+
 def _df(path: Path) -> tuple[int, int]:
     """(used, available) bytes of the filesystem holding ``path``, as df reports them."""
     out = subprocess.run(["df", "-B1", "--output=used,avail", str(path)], capture_output=True, text=True,
