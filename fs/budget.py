@@ -45,6 +45,14 @@ class ByteBudget:
                 self.give(n)
             raise
 
+    def try_take(self, n: int) -> bool:
+        """Take ``n`` bytes if that needs no wait (nobody queued, room left); never yields."""
+        n = min(n, self.total)
+        if self._waiters or self.used + n > self.total:
+            return False
+        self.used += n
+        return True
+
     def give(self, n: int) -> None:
         self.used = max(0, self.used - min(n, self.total))
         while self._waiters and self.used + self._waiters[0][0] <= self.total:

@@ -682,10 +682,14 @@ class FileSystem:
             return 0
         async with of.lock:
             d = of.dirty
-            if d is not None and d.file_off <= off <= d.end and off + n - d.file_off <= 2 * self.cfg.chunk_bytes:
-                await self._take(max(0, off + n - d.end))
+            if (d is not None and d.file_off <= off <= d.end and off + n - d.file_off <= 2 * self.cfg.chunk_bytes
+                    and self.budget.try_take(max(0, off + n - d.end))):
                 d.write(off - d.file_off, data, self._part_bytes)
             else:
+                # Out of budget (or not contiguous): send the dirty chunk before waiting.
+                # A writer must never wait for budget while holding buffered bytes under its
+                # lock: the relief skips locked files, so writers that all did would wait
+                # for bytes only they could send (a deadlock of many concurrent writers).
                 if d is not None:
                     await self._send(of)
                 await self._take(n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from appendfs.fs.budget import BlockCache, ByteBudget, _Fetch
 
@@ -26,6 +27,18 @@ async def test_a_waiting_take_cancelled_gives_its_place_up() -> None:
     b.give(90)
     await b.take(100)
     assert b.used == 100
+
+
+async def test_try_take_takes_only_what_needs_no_wait_and_never_jumps_the_queue() -> None:
+    b = ByteBudget(100)
+    assert b.try_take(60) and b.used == 60
+    assert not b.try_take(50) and b.used == 60  # would exceed the total
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.take, 50)  # queued: 60 + 50 > 100
+        await trio.testing.wait_all_tasks_blocked()
+        assert not b.try_take(10)  # there is room, but a waiter came first
+        b.give(60)  # the waiter gets its 50
+    assert b.used == 50 and b.try_take(50) and b.used == 100
 
 
 def test_block_cache_evicts_least_recently_used_first() -> None:
