@@ -658,12 +658,13 @@ class FileSystem:
         batch, self._release_q = self._release_q, []
         if not batch:
             return
+        sid = self.sid  # the session these holds are in, even if it is renewed meanwhile
         self._releasing = set(batch)
         try:
             # Alone (see _HoldGate): the counts change outside the transactions that write
             # the hold rows.
             async with self._holds.exclusive():
-                await self._write(self.meta.release_many, self.sid, batch)
+                await self._write(self.meta.release_many, sid, batch)
         except Exception as exc:  # the holds stay until the session ends; unlinked files wait for that
             log.warning("releasing %d closed files: %s", len(batch), exc)
         finally:
@@ -1069,7 +1070,10 @@ class FileSystem:
             try:
                 await self._meta(self.meta.heartbeat, self.sid)
             except SessionExpired:
-                await self._renew_session(self.sid)
+                try:
+                    await self._renew_session(self.sid)
+                except Exception as exc:  # escaping, it would end the mount: the next beat retries
+                    log.warning("session renewal failed (tried again at the next heartbeat): %s", exc)
             except Exception as exc:
                 log.warning("session heartbeat failed: %s", exc)
 
@@ -1083,12 +1087,22 @@ class FileSystem:
             log.error("session %d was declared dead (missed heartbeats); opening a new one", dead_sid)
             self.sid = await self._meta(self.meta.open_session, None)
             self._release_q.clear()  # those holds died with the old session
-            self._kernel_held.clear()
-            for ino in [i for i, of in self._files.items() if of.handles]:
+            # One hold per open handle (each close drops one), and one per inode kept for
+            # the kernel: held fewer times, the first close would drop the hold under the
+            # other handles.
+            holds = {ino: of.handles for ino, of in self._files.items() if of.handles}
+            kernel, self._kernel_held = self._kernel_held, set()
+            for ino in kernel:
+                holds[ino] = holds.get(ino, 0) + 1
+            for ino, n in holds.items():
                 try:
-                    await self._meta(self.meta.open, self.sid, ino)
+                    for _ in range(n):
+                        await self._meta(self.meta.open, self.sid, ino)
                 except Exception as exc:
                     log.error("inode %d: cannot hold it open again: %s", ino, exc)
+                    continue
+                if ino in kernel:
+                    self._kernel_held.add(ino)
 
     async def _maintenance(self) -> None:
         """Work any client may do: end dead sessions, purge slices of deleted files."""
