@@ -742,6 +742,12 @@ class FileSystem:
             log.error("inode %d: %d bytes at %d not stored: %s", of.ino, d.length, d.file_off, exc)
             of.error = of.error or exc
             return
+        except BaseException:
+            # Cancelled (the mount is stopping): the chunk stays this file's dirty buffer,
+            # with its budget, for the shutdown's flush to send; dropped here, written bytes
+            # would be lost without an error anywhere. (of.dirty is still None: we hold the lock.)
+            of.dirty = d
+            raise
         finally:
             of.sending = None
         of.sent.append(d)

@@ -192,24 +192,33 @@ class LogStream:
         while tickets and tickets[0].done.is_set():
             tickets.popleft()
         tickets.append(ticket)
-        for part in parts:
-            # A free window slot and a queue with room (the common case) cost no yield: each
-            # yield is a trio task switch, a measurable part of a small file's CPU. The
-            # window bounds how far a caller that never waits can run ahead.
-            try:
-                self._window.acquire_nowait()
-            except trio.WouldBlock:
-                await self._window.acquire()
-            if self._broken is not None:
-                raise self._broken
-            op = _Op([(ticket, len(part))], part, 0 if self._codec else checksum(part))
-            try:
+        try:
+            for part in parts:
+                # A free window slot and a queue with room (the common case) cost no yield:
+                # each yield is a trio task switch, a measurable part of a small file's CPU.
+                # The window bounds how far a caller that never waits can run ahead.
                 try:
-                    self._send.send_nowait(op)
+                    self._window.acquire_nowait()
                 except trio.WouldBlock:
-                    await self._send.send(op)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise self._broken or StoreError(f"stream {self.stream_id} is closed") from None
+                    await self._window.acquire()
+                if self._broken is not None:
+                    raise self._broken
+                op = _Op([(ticket, len(part))], part, 0 if self._codec else checksum(part))
+                try:
+                    try:
+                        self._send.send_nowait(op)
+                    except trio.WouldBlock:
+                        await self._send.send(op)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise self._broken or StoreError(f"stream {self.stream_id} is closed") from None
+        except BaseException as exc:
+            # Interrupted (cancelled while the window was full, or the stream broke) with
+            # some parts not queued: the ticket can never complete. Failed now, it does not
+            # hold up flush() and close() of this stream for good; the parts already queued
+            # are stored as garbage nobody points at.
+            ticket._fail(exc if isinstance(exc, Exception) else
+                         StoreError(f"append to stream {self.stream_id} interrupted before all of it was queued"))
+            raise
         return ticket
 
     def _split(self, data: Buffer | Sequence[Buffer], frozen: bool) -> list[Buffer]:

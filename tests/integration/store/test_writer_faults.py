@@ -244,6 +244,35 @@ async def test_a_replica_that_stops_answering_is_failed_after_the_append_timeout
             assert await read_back(client, ticket) == data
 
 
+async def test_an_append_cancelled_with_parts_unqueued_fails_its_ticket(tmp_path: Path) -> None:
+    """An append of many parts cancelled while the window is full (the DataNodes do not
+    answer) leaves a ticket that can never complete: it is failed at once, so flush() and
+    close() of the stream do not wait on it (they waited until the append timeout broke
+    the extent, or for good while the DataNodes were merely slow)."""
+    cfg = ClientConfig(append_bytes=64 << 10, window_bytes=1 << 20, append_timeout_s=30.0)
+    async with one_stream(tmp_path, 5, "rep:3", cfg) as (_client, stream, nodes):
+        gate = trio.Event()
+        for n in nodes:
+            assert n.datanode is not None
+            real = n.datanode.store.append
+
+            async def slow(*args: object, _real: object = real, **kw: object) -> object:
+                await gate.wait()
+                return await _real(*args, **kw)  # type: ignore[operator]
+            n.datanode.store.append = slow  # type: ignore[method-assign]
+        with trio.move_on_after(0.5) as scope:
+            await stream.append(os.urandom(2 << 20))  # 32 parts; the window takes 16
+        assert scope.cancelled_caught
+        ticket = stream._last
+        assert ticket is not None and ticket.done.is_set() and isinstance(ticket.error, StoreError)
+        with trio.fail_after(5), pytest.raises(StoreError):
+            await stream.flush()  # the failed ticket, at once; the queued parts still go out
+        gate.set()
+        later = await stream.append(b"after")
+        with trio.fail_after(30):
+            assert await later.wait()
+
+
 async def test_a_datanode_dying_under_large_appends_costs_one_extent_switch(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Regression (CI, session 21): with 1 MiB appends pipelined on rep:3, a DataNode dies
