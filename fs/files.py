@@ -168,7 +168,10 @@ class OpenFile:
     dirty_since: float = 0.0
     sending: Chunk | None = None  # taken from dirty, being handed to a stream (not in sent yet)
     sent: deque[Chunk] = field(default_factory=deque)
+    # The last deferred write error and how many there were: each handle reports each one
+    # once (Handle.error_seen; like the kernel's errseq_t), not the first caller for all.
     error: BaseException | None = None
+    error_seq: int = 0
     resends: int = 0  # consecutive re-sends after broken streams (bounded)
     committing: bool = False
     idle: trio.Event = field(default_factory=trio.Event)
@@ -184,6 +187,11 @@ class OpenFile:
     @property
     def pending(self) -> bool:
         return self.dirty is not None or self.sending is not None or bool(self.sent) or self.committing
+
+    def note_error(self, exc: BaseException) -> None:
+        """A write of this file was lost: every handle open now reports ``exc`` once."""
+        self.error = exc
+        self.error_seq += 1
 
     def pending_chunks(self) -> list[Chunk]:
         """Uncommitted chunks, oldest first (the dirty one last)."""

@@ -28,6 +28,7 @@ import errno
 import functools
 import itertools
 import logging
+import os
 import stat
 import time
 from collections import OrderedDict
@@ -129,6 +130,7 @@ class Handle:
     # read all of: they count as unread in the block cache until then, or until the handle
     # is closed.
     ahead: set[tuple[int, int]] = field(default_factory=set)
+    error_seen: int = 0  # the file's error_seq this handle has reported (or found at open)
 
 
 class FileSystem:
@@ -202,10 +204,13 @@ class FileSystem:
 
     async def _shutdown(self) -> None:
         for of in list(self._files.values()):
+            before = of.error_seq
             try:
                 await self._flush_file(of)
             except Exception as exc:
                 log.error("inode %d: data not committed at shutdown: %s", of.ino, exc)
+            if of.error_seq != before:
+                log.error("inode %d: data not committed at shutdown: %s", of.ino, of.error)
         await self.streams.close()
         if self._part_streams is not None:
             await self._part_streams.close()
@@ -604,7 +609,7 @@ class FileSystem:
             raise
         of.handles += 1
         fh = next(self._fh)
-        self._handles[fh] = Handle(fh, of, flags)
+        self._handles[fh] = Handle(fh, of, flags, error_seen=of.error_seq)  # earlier errors are not its own
         return fh, keep
 
     def handle(self, fh: int) -> Handle:
@@ -614,8 +619,23 @@ class FileSystem:
             raise FsError(errno.EBADF, f"no open file handle {fh}") from None
 
     async def flush(self, fh: int) -> None:
-        """close(2)/fsync(2): commit everything written so far; raise a deferred error once."""
-        await self._flush_file(self.handle(fh).of)
+        """close(2)/fsync(2): commit everything written so far; raise a deferred error
+        this handle has not reported yet."""
+        h = self.handle(fh)
+        await self._flush_file(h.of)
+        self._report(h)
+
+    @staticmethod
+    def _report(h: Handle) -> None:
+        """Raise the file's deferred write error if this handle has not reported it: each
+        handle open for writing when a write was lost reports it once (at its next write,
+        fsync or close); a read-only handle's close reports nothing and takes nothing from
+        the writers'."""
+        of = h.of
+        if h.error_seen < of.error_seq and of.error is not None:
+            h.error_seen = of.error_seq
+            if h.flags & os.O_ACCMODE != os.O_RDONLY:  # a reader's close reports no write error (as NFS)
+                raise of.error
 
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
@@ -628,8 +648,9 @@ class FileSystem:
         of.handles -= 1
         try:
             if of.handles == 0:
+                await self._flush_file(of)
                 try:
-                    await self._flush_file(of)
+                    self._report(h)
                 except Exception as exc:  # release has nobody to report to (DESIGN §4)
                     log.error("inode %d: write lost at release: %s", of.ino, exc)
                 if of.handles == 0 and not of.pending:
@@ -675,9 +696,9 @@ class FileSystem:
     # ---- writes ---------------------------------------------------------------------
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
-        of = self.handle(fh).of
-        if of.error is not None:
-            raise of.error
+        h = self.handle(fh)
+        self._report(h)  # an earlier write of the file was lost: say so now, once
+        of = h.of
         n = len(data)
         if n == 0:
             return 0
@@ -740,7 +761,7 @@ class FileSystem:
         except Exception as exc:
             self.budget.give(d.length)
             log.error("inode %d: %d bytes at %d not stored: %s", of.ino, d.length, d.file_off, exc)
-            of.error = of.error or exc
+            of.note_error(exc)
             return
         except BaseException:
             # Cancelled (the mount is stopping): the chunk stays this file's dirty buffer,
@@ -822,7 +843,7 @@ class FileSystem:
     def _fail_pending(self, of: OpenFile, exc: BaseException) -> None:
         lost = sum(c.length for c in of.sent)
         log.error("inode %d: %d written bytes not committed: %s", of.ino, lost, exc)
-        of.error = of.error or exc
+        of.note_error(exc)
         for c in of.sent:
             self.budget.give(c.length)
         of.sent.clear()
@@ -835,9 +856,6 @@ class FileSystem:
                 await self._send(of)
         while of.sent or of.committing:
             await of.idle.wait()
-        if of.error is not None:
-            err, of.error = of.error, None
-            raise err
 
     async def _flusher(self) -> None:
         """Send write buffers nobody touched for ``flush_age_s`` (bounded staleness)."""
