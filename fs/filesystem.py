@@ -599,11 +599,14 @@ class FileSystem:
                 if of is None:
                     of = self._files[ino] = OpenFile(ino, attr, redundancy)
             keep = self._seen_gen.get(ino) == attr.gen
-            if not of.pending:
+            # Never back to older attributes: a commit of ours may have landed since the open
+            # read them (then a slice map loaded before that commit would pass for current).
+            if not of.pending and attr.gen >= of.attr.gen:
                 of.adopt(attr)
             if not keep:
                 of.segmap = None
-            self._saw(attr)
+            if attr.gen >= self._seen_gen.get(ino, attr.gen):
+                self._saw(attr)
         except BaseException:
             self._release_later(ino)
             raise
@@ -796,8 +799,10 @@ class FileSystem:
                     if t is None or not (t.done.is_set() and t.error is None):
                         break
                     batch.append(c)
-                slices = [s for c in batch for s in place_pieces(c, _pieces(c))]
                 try:
+                    # (inside: a ticket whose pieces did not cover its chunk — a bug — fails
+                    # this file's writes; escaping, it would end the whole mount)
+                    slices = [s for c in batch for s in place_pieces(c, _pieces(c))]
                     attr = await self._write(self.meta.commit_slices, of.ino, slices, mtime_ns=of.last_write_ns or None)
                 except Exception as exc:
                     self._fail_pending(of, exc)
