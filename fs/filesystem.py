@@ -767,10 +767,13 @@ class FileSystem:
             of.note_error(exc)
             return
         except BaseException:
-            # Cancelled (the mount is stopping): the chunk stays this file's dirty buffer,
-            # with its budget, for the shutdown's flush to send; dropped here, written bytes
-            # would be lost without an error anywhere. (of.dirty is still None: we hold the lock.)
-            of.dirty = d
+            # Cancelled (the mount is stopping): the bytes stay this file's dirty buffer, with
+            # their budget, for the shutdown's flush to send; dropped here, written bytes would
+            # be lost without an error anywhere. A copy: parts of the append may be queued in
+            # the stream, which holds the chunk's buffers (frozen) until they are stored, and a
+            # later write into the dirty buffer changes it in place. (of.dirty is still None:
+            # we hold the lock.)
+            of.dirty = Chunk.of(d.file_off, b"".join(d.parts), self._part_bytes)
             raise
         finally:
             of.sending = None
