@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 
 from appendfs.fs import FileSystem
-from appendfs.meta import Attr, FsError
+from appendfs.meta import Attr, DirEntry, FsError
 from appendfs.mount.errors import fuse_errors
 from appendfs.mount.opstats import OpStats
 
@@ -307,17 +307,36 @@ class Operations(pyfuse3.Operations):
                     return
                 cur.pos += len(page)
                 cur.after = page[-1].name
-        while True:
-            page = await self.fs.readdir(cur.ino, cur.after, _READDIR_PAGE)
-            if not page:
-                return
-            for e in page:
-                assert e.attr is not None
-                if not pyfuse3.readdir_reply(token, e.name, self._entry(e.attr, count_lookup=False), cur.pos + 1):
-                    return
-                self._lookups[e.ino] = self._lookups.get(e.ino, 0) + 1
-                cur.pos += 1
-                cur.after = e.name
+        # Lookups and the cursor are counted when the reply goes out: a handler that raises
+        # sends the error alone (pyfuse3 drops the entries already in the buffer), and
+        # counted anyway, those lookups would never be forgotten — nor their inodes released.
+        placed: list[DirEntry] = []
+        try:
+            while True:
+                page = await self.fs.readdir(cur.ino, placed[-1].name if placed else cur.after, _READDIR_PAGE)
+                if not page:
+                    break
+                full = False
+                for e in page:
+                    assert e.attr is not None
+                    if not pyfuse3.readdir_reply(token, e.name, self._entry(e.attr, count_lookup=False),
+                                                 cur.pos + len(placed) + 1):
+                        full = True
+                        break
+                    placed.append(e)
+                if full:
+                    break
+        except Exception:
+            if not placed:
+                raise
+            # The entries placed go out; the next call asks again from the last of them.
+            log.debug("readdir of inode %d: a later page failed; sending the %d entries placed",
+                      cur.ino, len(placed), exc_info=True)
+        for e in placed:
+            self._lookups[e.ino] = self._lookups.get(e.ino, 0) + 1
+        if placed:
+            cur.pos += len(placed)
+            cur.after = placed[-1].name
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
