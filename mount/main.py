@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
@@ -100,6 +101,46 @@ def fuse_options(mcfg: MountConfig, extra: frozenset[str] = frozenset()) -> set[
 
 async def serve(meta_url: str, mountpoint: Path, mcfg: MountConfig, fcfg: FsConfig, ccfg: ClientConfig,
                 kernel_options: frozenset[str] = frozenset(), ready: Callable[[], None] | None = None) -> None:
+    # The signals stay caught until the buffered data is committed: the first unmounts; a
+    # second (an impatient Ctrl-C) is logged, not obeyed — with the default action back it
+    # used to end the process in the middle of the shutdown's commits.
+    state = _Session()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as watcher:
+            async def on_signals() -> None:
+                stopping = False
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if stopping:
+                        log.warning("%s: already stopping; committing buffered data first (kill -9 abandons it)",
+                                    name)
+                        continue
+                    stopping = True
+                    if state.mounted:
+                        log.info("%s: unmounting %s", name, mountpoint)
+                        pyfuse3.terminate()  # (only between init and close: the session exists)
+                    elif not state.started:
+                        log.info("%s: stopping before the mount was up", name)
+                        watcher.cancel_scope.cancel()
+                    else:
+                        log.info("%s: already unmounted; committing buffered data", name)
+            watcher.start_soon(on_signals)
+            try:
+                await _serve(meta_url, mountpoint, mcfg, fcfg, ccfg, kernel_options, ready, state)
+            finally:
+                watcher.cancel_scope.cancel()
+
+
+@dataclass
+class _Session:
+    """Where the FUSE session is, for the signal handler: pyfuse3.terminate() needs one."""
+
+    started: bool = False  # pyfuse3.init was called
+    mounted: bool = False  # ... and pyfuse3.close not yet
+
+
+async def _serve(meta_url: str, mountpoint: Path, mcfg: MountConfig, fcfg: FsConfig, ccfg: ClientConfig,
+                 kernel_options: frozenset[str], ready: Callable[[], None] | None, state: _Session) -> None:
     from appendfs.metrics import serve_metrics
     from appendfs.mount.opstats import metric_families
 
@@ -107,29 +148,26 @@ async def serve(meta_url: str, mountpoint: Path, mcfg: MountConfig, fcfg: FsConf
         ops = Operations(fs, mcfg.slow_request_s, direct_io=mcfg.direct_io)
         serve_metrics(mcfg.metrics, "appendfs_mount", lambda: {**fs.stats(), **fs.client.stats},
                       lambda: metric_families(ops.op_stats))
+        state.started = True
         try:
             pyfuse3.init(ops, str(mountpoint), fuse_options(mcfg, kernel_options))
         except RuntimeError as exc:
             raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+        state.mounted = True
         log.info("mounted %s at %s", meta_url, mountpoint)
         unmounted = False
         try:
             async with trio.open_nursery() as nursery:
-                async def on_signal() -> None:
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                        async for signum in signals:
-                            log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
-                            pyfuse3.terminate()
-                            return
-                nursery.start_soon(on_signal)
                 nursery.start_soon(tune_read_ahead, mountpoint, mcfg.read_ahead_kb)
                 if ready is not None:
                     ready()
                 await pyfuse3.main(min_tasks=4, max_tasks=mcfg.max_tasks)
                 nursery.cancel_scope.cancel()
+            state.mounted = False
             pyfuse3.close(unmount=True)
             unmounted = True
         finally:
+            state.mounted = False
             if not unmounted:
                 pyfuse3.close(unmount=True)
         log.info("unmounted %s; committing buffered data", mountpoint)
