@@ -207,8 +207,8 @@ class FileSystem:
             before = of.error_seq
             try:
                 await self._flush_file(of)
-            except Exception as exc:
-                log.error("inode %d: data not committed at shutdown: %s", of.ino, exc)
+            except Exception as exc:  # (not expected: a failed send or commit is the file's error)
+                of.note_error(exc)
             if of.error_seq != before:
                 log.error("inode %d: data not committed at shutdown: %s", of.ino, of.error)
         await self.streams.close()

@@ -155,7 +155,6 @@ async def _serve(meta_url: str, mountpoint: Path, mcfg: MountConfig, fcfg: FsCon
             raise MountError(f"cannot mount {mountpoint}: {exc}") from None
         state.mounted = True
         log.info("mounted %s at %s", meta_url, mountpoint)
-        unmounted = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(tune_read_ahead, mountpoint, mcfg.read_ahead_kb)
@@ -163,13 +162,9 @@ async def _serve(meta_url: str, mountpoint: Path, mcfg: MountConfig, fcfg: FsCon
                     ready()
                 await pyfuse3.main(min_tasks=4, max_tasks=mcfg.max_tasks)
                 nursery.cancel_scope.cancel()
-            state.mounted = False
-            pyfuse3.close(unmount=True)
-            unmounted = True
         finally:
             state.mounted = False
-            if not unmounted:
-                pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=True)
         log.info("unmounted %s; committing buffered data", mountpoint)
 
 

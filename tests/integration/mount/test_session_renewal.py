@@ -10,6 +10,7 @@ other handles, and a removal by another client then destroyed a file still open 
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -27,7 +28,7 @@ def _gone(meta: Meta, ino: int) -> bool:
     try:
         meta.getattr(ino)
     except FsError as exc:
-        assert exc.errno == 2, exc  # ENOENT
+        assert exc.errno == errno.ENOENT, exc
         return True
     return False
 
